@@ -1,0 +1,114 @@
+"""ConvVAE: a convolutional encoder q(z|x) and decoder p(x|z) built from ModelConfig."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from raytrain_vae.config import ConfigError, ModelConfig
+
+
+class ConvVAE(nn.Module):
+    """Stride-2 conv encoder -> dense -> (mu, logvar); mirrored transposed-conv decoder.
+
+    The decoder returns the parameters of p(x|z): Bernoulli logits, or Gaussian means (with one
+    learned log-sigma shared by all pixels).
+    """
+
+    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.image_shape = tuple(image_shape)
+        c_in, h, w = self.image_shape
+        k, pad = cfg.kernel_size, (cfg.kernel_size - 1) // 2
+
+        # Spatial size after each stride-2 conv, recorded so the decoder can return exactly to it.
+        self._sizes = [(h, w)]
+        for _ in cfg.channels:
+            h, w = (h + 2 * pad - k) // 2 + 1, (w + 2 * pad - k) // 2 + 1
+            if h < 1 or w < 1:
+                raise ConfigError(
+                    f"model.channels: {len(cfg.channels)} stride-2 layers with kernel {k} shrink "
+                    f"a {self.image_shape[1]}x{self.image_shape[2]} image to nothing"
+                )
+            self._sizes.append((h, w))
+        self._feature_shape = (cfg.channels[-1], h, w)
+        flat = cfg.channels[-1] * h * w
+
+        enc: list[nn.Module] = []
+        prev = c_in
+        for c in cfg.channels:
+            enc += [nn.Conv2d(prev, c, k, stride=2, padding=pad), nn.ReLU(inplace=True)]
+            prev = c
+        enc.append(nn.Flatten())
+        if cfg.hidden_dim:
+            enc += [nn.Linear(flat, cfg.hidden_dim), nn.ReLU(inplace=True)]
+        enc.append(nn.Linear(cfg.hidden_dim or flat, 2 * cfg.latent_dim))
+        self.encoder = nn.Sequential(*enc)
+
+        dense: list[nn.Module] = []
+        if cfg.hidden_dim:
+            dense += [nn.Linear(cfg.latent_dim, cfg.hidden_dim), nn.ReLU(inplace=True)]
+        dense += [nn.Linear(cfg.hidden_dim or cfg.latent_dim, flat), nn.ReLU(inplace=True)]
+        self.decoder_dense = nn.Sequential(*dense)
+        outs = [*reversed(cfg.channels[:-1]), c_in]
+        ins = list(reversed(cfg.channels))
+        self.decoder_convs = nn.ModuleList(
+            nn.ConvTranspose2d(i, o, k, stride=2, padding=pad)
+            for i, o in zip(ins, outs, strict=True)
+        )
+        if cfg.likelihood == "gaussian":
+            self.log_sigma = nn.Parameter(torch.zeros(()))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W) in [0, 1] -> mean and log-variance of q(z|x), each (B, latent_dim)."""
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu, logvar
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """z = mu + sigma * eps, differentiable in mu and logvar."""
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, latent_dim) -> parameters of p(x|z), (B, C, H, W): logits or Gaussian means."""
+        h = self.decoder_dense(z).view(-1, *self._feature_shape)
+        sizes = list(reversed(self._sizes[:-1]))
+        last = len(self.decoder_convs) - 1
+        for i, (conv, size) in enumerate(zip(self.decoder_convs, sizes, strict=True)):
+            h = conv(h, output_size=size)
+            if i < last:
+                h = torch.relu(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One stochastic pass: (decoder output, mu, logvar)."""
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+
+    def mean_image(self, out: torch.Tensor) -> torch.Tensor:
+        """Decoder output -> expected image E[x|z] in [0, 1]."""
+        if self.cfg.likelihood == "bernoulli":
+            return torch.sigmoid(out)
+        return out.clamp(0, 1)
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """n new images E[x|z], z ~ N(0, temperature^2 I): (n, C, H, W) in [0, 1]."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=device)
+        return self.mean_image(self.decode(z * temperature))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction: decode the posterior mean of each image."""
+        mu, _ = self.encode(x)
+        return self.mean_image(self.decode(mu))
+
+    @property
+    def num_pixels(self) -> int:
+        return math.prod(self.image_shape)

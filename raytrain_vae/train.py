@@ -1,0 +1,349 @@
+"""Ray Train: the DDP worker loop, the TorchTrainer built from a Config, and the train CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+)
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file, save_file
+
+from raytrain_vae.cli import config_from_args, run_cli
+from raytrain_vae.config import (
+    Config,
+    ConfigError,
+    UserError,
+    dump_config,
+    read_yaml_mapping,
+    validate_config,
+)
+from raytrain_vae.data import (
+    IMAGE_SHAPE,
+    Splits,
+    ensure_files,
+    eval_indices,
+    load_splits,
+    shard_indices,
+    to_model_input,
+)
+from raytrain_vae.model import ConvVAE
+from raytrain_vae.objectives import bits_per_dim, elbo_terms, kl_weight
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+EVAL_BATCH = 1024
+
+
+def _all_reduce(values: list[float] | torch.Tensor, op: str, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.cpu()
+
+
+@torch.no_grad()
+def negative_elbo_sums(
+    model: ConvVAE, images: torch.Tensor, indices: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """[count, sum of reconstruction NLL, sum of KL] over images[indices] (beta = 1, eval mode).
+
+    The reparameterisation noise is seeded so that the same model scores the same every time."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        for start in range(0, len(indices), EVAL_BATCH):
+            x = to_model_input(images[indices[start : start + EVAL_BATCH]].to(device), False)
+            recon, kl = elbo_terms(model, x)
+            sums[0] += len(x)
+            sums[1:] += torch.stack([recon.sum(), kl.sum()])
+    model.train(was_training)
+    return sums
+
+
+def _save_checkpoint(
+    folder: Path, model: ConvVAE, optimizer: torch.optim.Optimizer, state: dict, cfg: Config
+) -> None:
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+        folder / MODEL_FILE,
+    )
+    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+    (folder / CONFIG_FILE).write_text(dump_config(cfg))
+    (folder / METRICS_FILE).write_text(json.dumps(state["history"][-1], indent=1))
+
+
+def _load_checkpoint(
+    folder: Path,
+    model: ConvVAE,
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    device: torch.device,
+) -> dict:
+    saved = validate_config(read_yaml_mapping(folder / CONFIG_FILE), f"{folder / CONFIG_FILE}")
+    if saved.model != cfg.model:
+        raise ConfigError(
+            f"run.name={cfg.run.name!r} already holds a checkpoint of another model "
+            f"({saved.model.model_dump()}); choose a new run.name"
+        )
+    model.load_state_dict(load_file(folder / MODEL_FILE, device=str(device)))
+    # weights_only: a checkpoint is data, never code to unpickle.
+    optimizer.load_state_dict(
+        torch.load(folder / OPTIMIZER_FILE, map_location=device, weights_only=True)
+    )
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def _log(line: str) -> None:
+    # Ray Train patches print() to tee into its logger, which shows each line twice; the raw
+    # stream is still forwarded to the driver once.
+    print(line, file=sys.__stdout__, flush=True)
+
+
+def _quiet_report_log(level: str) -> None:
+    # Ray 2.60 logs every report (with all metrics) at INFO through a logger named after its
+    # file, which LoggingConfig's ray.train filter misses. Best effort: the module is private.
+    try:
+        from ray.train.v2._internal.execution import context
+
+        context.logger.setLevel(level)
+    except (ImportError, AttributeError):
+        pass
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One DDP rank: load data, build model, resume if a checkpoint exists, train, report."""
+    cfg = validate_config(loop_config["config"], "train loop config")
+    _quiet_report_log(cfg.run.log_level)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+
+    splits: Splits = load_splits(cfg.data)
+    if len(splits.train) < world:
+        raise ConfigError(
+            f"{len(splits.train)} training images cannot be split over {world} workers"
+        )
+    train_images = splits.train.to(device)
+    val_images = splits.val.to(device)
+
+    torch.manual_seed(cfg.train.seed)
+    model = ConvVAE(cfg.model, splits.image_shape).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
+
+    state = {"epoch": 0, "step": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = _load_checkpoint(Path(folder), model, optimizer, cfg, device)
+        if rank == 0:
+            _log(f"resumed from {checkpoint.path} after epoch {state['epoch']}")
+    ddp_model = ray.train.torch.prepare_model(model)
+
+    per_worker_batch = cfg.train.batch_size // world
+    n_shard = len(train_images) // world
+    steps_per_epoch = -(-n_shard // per_worker_batch)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if cfg.train.amp == "bf16"
+        else nullcontext()
+    )
+    val_idx = eval_indices(len(val_images), rank, world).to(device)
+    binarizer = torch.Generator(device=device)
+
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        epoch_start = time.perf_counter()
+        # Every random stream is a function of (seed, epoch, rank): a resumed epoch replays exactly.
+        torch.manual_seed(cfg.train.seed * 7919 + epoch * 104729 + rank)
+        binarizer.manual_seed(cfg.train.seed * 15485863 + epoch * 32452843 + rank)
+        idx = shard_indices(len(train_images), rank, world, epoch, cfg.train.seed).to(device)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, recon, kl: summed
+        n_seen = 0
+        weight = cfg.train.beta
+        model.train()
+        for start in range(0, n_shard, per_worker_batch):
+            x = to_model_input(
+                train_images[idx[start : start + per_worker_batch]],
+                splits.dynamic_binarize,
+                binarizer,
+            )
+            weight = kl_weight(
+                state["step"], steps_per_epoch, cfg.train.beta, cfg.train.kl_warmup_epochs
+            )
+            with autocast:
+                recon, kl = elbo_terms(ddp_model, x)
+            loss = (recon + weight * kl).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            state["step"] += 1
+            # Accumulate on the device: no .item() sync inside the step.
+            n_seen += len(x)
+            sums += torch.stack([loss.detach() * len(x), recon.detach().sum(), kl.detach().sum()])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - epoch_start
+
+        val = negative_elbo_sums(model, val_images, val_idx, device)
+        train_sums = torch.cat([torch.tensor([n_seen], dtype=torch.float64, device=device), sums])
+        totals = _all_reduce(torch.cat([train_sums, val]), "sum", device).tolist()
+        n_train, loss_sum, recon_sum, kl_sum, n_val, val_recon, val_kl = totals
+        train_s, epoch_s = _all_reduce(
+            [train_seconds, time.perf_counter() - epoch_start], "max", device
+        ).tolist()
+        val_neg_elbo = (val_recon + val_kl) / n_val
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / n_train,
+            "train_recon": recon_sum / n_train,
+            "train_kl": kl_sum / n_train,
+            "kl_weight": weight,
+            "val_neg_elbo": val_neg_elbo,
+            "val_recon": val_recon / n_val,
+            "val_kl": val_kl / n_val,
+            "val_bits_per_dim": bits_per_dim(val_neg_elbo, model.num_pixels),
+            "images_per_s": n_train / train_s,
+            "epoch_s": epoch_s,
+        }
+        state["epoch"] = epoch + 1
+        state["history"].append(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                _save_checkpoint(Path(tmp), model, optimizer, state, cfg)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                _log(format_metrics(metrics, cfg.train.epochs))
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def format_metrics(m: dict, epochs: int) -> str:
+    """One readable line per epoch; every loss is nats per image."""
+    return (
+        f"epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.2f}  "
+        f"val_neg_elbo {m['val_neg_elbo']:.2f} nats ({m['val_bits_per_dim']:.4f} bits/dim)  "
+        f"val_recon {m['val_recon']:.2f}  val_kl {m['val_kl']:.2f}  "
+        f"{m['images_per_s']:.0f} img/s  {m['epoch_s']:.1f} s"
+    )
+
+
+def history_of(result: Result) -> list[dict]:
+    """Per-epoch metrics of a finished run, read from its final checkpoint (Ray's own
+    metrics_dataframe keeps only the epochs whose checkpoints were kept)."""
+    with result.checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / STATE_FILE).read_text())["history"]
+
+
+def build_trainer(
+    cfg: Config,
+    name: str | None = None,
+    storage_path: str | None = None,
+    callbacks: list | None = None,
+) -> TorchTrainer:
+    """A TorchTrainer for this config; tune passes its own run name, storage and callbacks."""
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=name or cfg.run.name,
+            storage_path=storage_path or cfg.resolved_storage_path(),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks,
+            logging_config=LoggingConfig(log_level=cfg.run.log_level),
+        ),
+    )
+
+
+def user_error_from(exc: ray.train.TrainingFailedError) -> UserError | None:
+    """The first worker's UserError inside a Train failure, so the CLI can report it in one line."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for failure in failures.values():
+        for candidate in (
+            failure,
+            getattr(failure, "cause", None),
+            getattr(failure, "__cause__", None),
+        ):
+            if isinstance(candidate, UserError):
+                return candidate
+    return None
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS, or start an embedded local Ray."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def preflight(cfg: Config) -> None:
+    """Fail fast, before Ray starts, on what the driver can check: the model fits the images and,
+    when Ray runs embedded on this machine, the data is here (downloaded once, not per worker)."""
+    ConvVAE(cfg.model, IMAGE_SHAPE)
+    if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+        ensure_files(cfg.data)
+
+
+def fit(cfg: Config) -> Result:
+    """Run (or resume, if run.name has checkpoints) one distributed training run."""
+    preflight(cfg)
+    init_ray()
+    try:
+        return build_trainer(cfg).fit()
+    except ray.train.TrainingFailedError as exc:
+        user_error = user_error_from(exc)
+        if user_error is not None:
+            raise user_error from None
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config_from_args(argv, prog="python -m raytrain_vae.train", description=__doc__)
+    result = fit(cfg)
+    if result.checkpoint is None:
+        print(f"run {cfg.run.name!r} reported no checkpoint", file=sys.stderr)
+        return 1
+    final = result.checkpoint.path
+    print(f"final checkpoint: {final}")
+    print(f"metrics: {final}/{METRICS_FILE} (per-epoch history in {final}/{STATE_FILE})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
