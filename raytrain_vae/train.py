@@ -152,7 +152,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     val_images = splits.val.to(device)
 
     torch.manual_seed(cfg.train.seed)
-    model = ConvVAE(cfg.model, splits.image_shape).to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = ConvVAE(cfg.model, splits.image_shape).to(device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
@@ -192,7 +193,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 train_images[idx[start : start + per_worker_batch]],
                 splits.dynamic_binarize,
                 binarizer,
-            )
+            ).contiguous(memory_format=memory_format)
             weight = kl_weight(
                 state["step"], steps_per_epoch, cfg.train.beta, cfg.train.kl_warmup_epochs
             )
