@@ -131,12 +131,92 @@ class RunSection(_Section):
         return v
 
 
+REPORTED_METRICS = ("val_neg_elbo", "val_recon", "val_kl", "val_bits_per_dim", "train_loss")
+
+
+class AlgorithmSection(_Section):
+    type: Literal["optuna"] = Field("optuna", description="Search algorithm (Optuna).")
+    sampler: Literal["tpe", "random"] = Field(
+        "tpe", description="Optuna sampler: tpe (multivariate) or random; NSGA-II for 2 metrics."
+    )
+    seed: int = Field(0, description="Sampler seed: the same seed proposes the same trials.")
+
+
+class SchedulerSection(_Section):
+    type: Literal["asha", "none"] = Field("asha", description="Early stopping: asha or none.")
+    grace_period: int = Field(
+        2, gt=0, description="Epochs every trial runs before ASHA may stop it."
+    )
+    reduction_factor: float = Field(
+        3.0, gt=1, description="ASHA keeps 1/reduction_factor per rung."
+    )
+
+
+class SearchSection(_Section):
+    metric: str | list[str] = Field(
+        "val_neg_elbo",
+        description="Metric compared across trials (beta-independent); a list of two, e.g. "
+        "[val_recon, val_kl], runs a multi-objective search and writes the Pareto front.",
+    )
+    mode: Literal["min", "max"] | list[Literal["min", "max"]] = Field(
+        "min", description="min or max, one per metric."
+    )
+    num_samples: int = Field(8, gt=0, description="Number of trials.")
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="Trials at once; null = as many as the cluster's CPUs/GPUs fit."
+    )
+    algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Dotted config path -> {choice: [...]} | {uniform: [lo, hi]} | "
+        "{loguniform: [lo, hi]} | {randint: [lo, hi]} | {quniform: [lo, hi, q]} | "
+        "{qloguniform: [lo, hi, q]}.",
+    )
+
+    @model_validator(mode="after")
+    def _metric_mode(self) -> SearchSection:
+        metrics = [self.metric] if isinstance(self.metric, str) else self.metric
+        modes = [self.mode] if isinstance(self.mode, str) else self.mode
+        for m in metrics:
+            if m not in REPORTED_METRICS:
+                raise ValueError(
+                    f"search.metric: {m!r} is not one of {', '.join(REPORTED_METRICS)}"
+                )
+        if len(metrics) != len(modes) or isinstance(self.metric, str) != isinstance(self.mode, str):
+            raise ValueError("search.mode must give one mode per search.metric")
+        if len(metrics) > 2 or not metrics:
+            raise ValueError("search.metric takes one metric, or two for a multi-objective search")
+        if len(metrics) == 2 and self.scheduler.type != "none":
+            raise ValueError(
+                "a multi-objective search cannot stop trials early: set search.scheduler.type=none"
+            )
+        return self
+
+    @property
+    def multi_objective(self) -> bool:
+        return not isinstance(self.metric, str)
+
+
+class ExportSection(_Section):
+    dir: str | None = Field(
+        None,
+        description="Where the best model is exported; null = <storage_path>/<run.name>/export.",
+    )
+    num_samples: int = Field(64, gt=0, description="Images in the exported sample grid.")
+    num_reconstructions: int = Field(
+        16, gt=0, description="Test images in the exported reconstruction grid."
+    )
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     run: RunSection = Field(default_factory=RunSection)
+    search: SearchSection = Field(default_factory=SearchSection)
+    export: ExportSection = Field(default_factory=ExportSection)
 
     @model_validator(mode="after")
     def _batch_fits_workers(self) -> Config:
@@ -153,6 +233,17 @@ class Config(_Section):
         if "://" in path:
             return path
         return str(Path(path).expanduser().resolve())
+
+    def resolved_export_dir(self) -> Path:
+        """export.dir, or <storage_path>/<run.name>/export for local storage."""
+        if self.export.dir is not None:
+            return Path(self.export.dir).expanduser().resolve()
+        storage = self.resolved_storage_path()
+        if "://" in storage:
+            raise ConfigError(
+                "export.dir must be set (a local path) when run.storage_path is a URI"
+            )
+        return Path(storage) / self.run.name / "export"
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -172,7 +263,8 @@ def _validation_message(err: ValidationError) -> str:
     return f"{_format_loc(first['loc'])}: {msg}"
 
 
-def _known_path(path: list[str]) -> bool:
+def is_config_key(path: list[str]) -> bool:
+    """Whether a dotted path (split on dots) names a config key or section."""
     model: type[BaseModel] | None = Config
     for part in path:
         if model is None or part not in model.model_fields:
@@ -204,16 +296,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     raw = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
-        if not _known_path(path):
+        if not is_config_key(path):
             raise ConfigError(f"override {'.'.join(path)}: unknown key")
-        node = raw
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[path[-1]] = value
+        set_dotted(raw, path, value)
     return raw
+
+
+def set_dotted(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set raw[a][b]... = value in place, creating missing sections."""
+    node = raw
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[path[-1]] = value
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:

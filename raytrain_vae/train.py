@@ -23,7 +23,7 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from raytrain_vae.cli import config_from_args, run_cli
 from raytrain_vae.config import (
@@ -43,6 +43,7 @@ from raytrain_vae.data import (
     shard_indices,
     to_model_input,
 )
+from raytrain_vae.export import save_weights
 from raytrain_vae.model import ConvVAE
 from raytrain_vae.objectives import bits_per_dim, elbo_terms, kl_weight
 
@@ -85,10 +86,7 @@ def negative_elbo_sums(
 def _save_checkpoint(
     folder: Path, model: ConvVAE, optimizer: torch.optim.Optimizer, state: dict, cfg: Config
 ) -> None:
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-        folder / MODEL_FILE,
-    )
+    save_weights(model, folder / MODEL_FILE)
     torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
     (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
     (folder / CONFIG_FILE).write_text(dump_config(cfg))
@@ -267,8 +265,11 @@ def build_trainer(
     name: str | None = None,
     storage_path: str | None = None,
     callbacks: list | None = None,
+    score: tuple[str, str] = ("val_neg_elbo", "min"),
 ) -> TorchTrainer:
-    """A TorchTrainer for this config; tune passes its own run name, storage and callbacks."""
+    """A TorchTrainer for this config; tune passes its own run name, storage and callbacks.
+
+    Ray keeps the run.checkpoints_to_keep best checkpoints by `score`, and always the latest."""
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
@@ -285,7 +286,11 @@ def build_trainer(
         run_config=RunConfig(
             name=name or cfg.run.name,
             storage_path=storage_path or cfg.resolved_storage_path(),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.run.checkpoints_to_keep,
+                checkpoint_score_attribute=score[0],
+                checkpoint_score_order=score[1],
+            ),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=callbacks,
             logging_config=LoggingConfig(log_level=cfg.run.log_level),

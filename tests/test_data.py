@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
 import urllib.error
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import Written, idx_bytes, make_idx_dataset
 from torchvision.datasets import MNIST
 
 import raytrain_vae.data as data
@@ -26,49 +23,12 @@ from raytrain_vae.data import (
 
 N_TRAIN, N_TEST, H, W = 60, 12, 6, 5  # H != W catches transposed images
 
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """An IDX file as in MNIST: big-endian magic 0x0000080<ndim> (uint8 data), dims, pixels."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.tobytes()
+# Never find a dataset installed on this machine.
+pytestmark = pytest.mark.usefixtures("no_system_copies")
 
 
-@dataclass
-class Written:
-    train_images: np.ndarray  # (N, H, W) uint8
-    train_labels: np.ndarray  # (N,) uint8
-    test_images: np.ndarray
-    test_labels: np.ndarray
-
-    def write(self, folder: Path, gz: bool = True) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        for key, stem in FILES.items():
-            payload = idx_bytes(getattr(self, key))
-            if gz:
-                (folder / f"{stem}.gz").write_bytes(gzip.compress(payload))
-            else:
-                (folder / stem).write_bytes(payload)
-
-
-def make_written(seed: int = 0, n_train: int = N_TRAIN, n_test: int = N_TEST) -> Written:
-    rng = np.random.default_rng(seed)
-    written = Written(
-        train_images=rng.integers(0, 256, size=(n_train, H, W), dtype=np.uint8),
-        train_labels=rng.integers(0, 10, size=n_train, dtype=np.uint8),
-        test_images=rng.integers(0, 256, size=(n_test, H, W), dtype=np.uint8),
-        test_labels=rng.integers(0, 10, size=n_test, dtype=np.uint8),
-    )
-    # Every image distinct, so "same set of images" is a meaningful comparison.
-    assert len({im.tobytes() for im in written.train_images}) == n_train
-    return written
-
-
-@pytest.fixture(autouse=True)
-def no_system_copies(monkeypatch, tmp_path):
-    """Never find a dataset installed on this machine."""
-    for name in list(data.SYSTEM_DIRS):
-        monkeypatch.setitem(data.SYSTEM_DIRS, name, [str(tmp_path / "no-system-copy" / name)])
+def make_written(seed: int = 0) -> Written:
+    return make_idx_dataset(seed=seed, n_train=N_TRAIN, n_test=N_TEST, height=H, width=W)
 
 
 @pytest.fixture

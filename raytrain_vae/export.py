@@ -1,0 +1,161 @@
+"""A self-contained model directory from a checkpoint; load_model(dir) without unpickling."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from raytrain_vae.config import Config, UserError, dump_config, read_yaml_mapping, validate_config
+from raytrain_vae.data import IMAGE_SHAPE, load_splits, to_model_input
+from raytrain_vae.images import reconstruction_grid, sample_grid
+from raytrain_vae.model import ConvVAE
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+SAMPLES_PNG = "samples.png"
+RECONSTRUCTIONS_PNG = "reconstructions.png"
+CARD_FILE = "README.md"
+FORMAT = "raytrain_vae.convvae/1"
+
+
+class ExportError(UserError):
+    """A model directory that is missing, incomplete or inconsistent."""
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> ConvVAE:
+    """The exported ConvVAE in eval mode (safetensors weights, config.yaml architecture)."""
+    model, _ = load_export(directory, device)
+    return model
+
+
+def load_export(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[ConvVAE, Config]:
+    """(model in eval mode, its resolved Config) from an export or a training checkpoint dir."""
+    directory = Path(directory)
+    weights = directory / MODEL_FILE
+    if not directory.is_dir():
+        raise ExportError(f"{directory}: no such model directory")
+    if not weights.is_file() or not (directory / CONFIG_FILE).is_file():
+        raise ExportError(
+            f"{directory}: not a model directory (needs {MODEL_FILE} and {CONFIG_FILE})"
+        )
+    cfg = validate_config(read_yaml_mapping(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(weights, device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ExportError(f"{weights}: unreadable weights ({exc})") from None
+    shape = tuple(
+        int(d) for d in meta.get("image_shape", ",".join(map(str, IMAGE_SHAPE))).split(",")
+    )
+    model = ConvVAE(cfg.model, shape)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise ExportError(f"{weights}: weights do not match {CONFIG_FILE} ({detail})") from None
+    return model.to(device).eval(), cfg
+
+
+def save_weights(model: ConvVAE, path: Path) -> None:
+    """Weights as safetensors, with the image shape and format in the header metadata."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "image_shape": ",".join(map(str, model.image_shape))}
+    save_file(state, path, metadata=metadata)
+
+
+def _model_card(cfg: Config, metrics: dict[str, Any]) -> str:
+    m = cfg.model
+    lines = [
+        "# ConvVAE exported by raytrain_vae",
+        "",
+        f"Dataset: {cfg.data.dataset} ({cfg.data.binarize} binarization), "
+        f"likelihood {m.likelihood}, latent_dim {m.latent_dim}, channels {m.channels}, "
+        f"kernel {m.kernel_size}, hidden {m.hidden_dim}.",
+        f"Trained {metrics.get('epoch', '?')} epochs, batch {cfg.train.batch_size}, "
+        f"lr {cfg.train.lr:g}, beta {cfg.train.beta:g}.",
+        "",
+        "| metric (nats per image, beta = 1) | value |",
+        "|---|---|",
+    ]
+    for key in ("val_neg_elbo", "val_recon", "val_kl", "val_bits_per_dim"):
+        if key in metrics:
+            lines.append(f"| {key} | {metrics[key]:.4f} |")
+    lines += [
+        "",
+        "Files: `model.safetensors` (weights), `config.yaml` (the resolved training config), "
+        "`metrics.json`, `samples.png`, `reconstructions.png` (test images above their "
+        "reconstructions).",
+        "",
+        "```python",
+        "from raytrain_vae.export import load_model",
+        "model = load_model('.')          # no pickle is loaded",
+        "images = model.sample(16)        # (16, 1, 28, 28) in [0, 1]",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_model(
+    checkpoint_dir: str | Path, export_dir: str | Path, extra_metrics: dict | None = None
+) -> Path:
+    """Write a model directory from a training checkpoint, replacing export_dir atomically.
+
+    Everything is written into a temporary sibling first; an existing export is swapped out
+    only once the new one is complete, so export_dir is never half-written."""
+    model, cfg = load_export(checkpoint_dir)
+    metrics = json.loads((Path(checkpoint_dir) / METRICS_FILE).read_text())
+    metrics.update(extra_metrics or {})
+    export_dir = Path(export_dir)
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=export_dir.parent))
+    try:
+        save_weights(model, tmp / MODEL_FILE)
+        (tmp / CONFIG_FILE).write_text(dump_config(cfg))
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+        sample_grid(model, tmp / SAMPLES_PNG, n=cfg.export.num_samples)
+        test = load_splits(cfg.data).test[: cfg.export.num_reconstructions]
+        reconstruction_grid(model, to_model_input(test, False), tmp / RECONSTRUCTIONS_PNG)
+        (tmp / CARD_FILE).write_text(_model_card(cfg, metrics))
+        _apply_umask(tmp)
+        _swap_in(tmp, export_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return export_dir
+
+
+def _apply_umask(folder: Path) -> None:
+    # mkdtemp makes a private 0700 folder; an export is meant to be shared like any output.
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / target.name)
+    try:
+        os.replace(new, target)
+    except OSError:
+        os.replace(old / target.name, target)  # put the previous export back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

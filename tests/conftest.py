@@ -1,0 +1,63 @@
+"""Shared test helpers: tiny MNIST-style IDX datasets on disk, and no system dataset copies."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import raytrain_vae.data as data
+from raytrain_vae.data import FILES
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file as in MNIST: big-endian magic 0x0000080<ndim> (uint8 data), dims, pixels."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
+
+
+@dataclass
+class Written:
+    """The four arrays of an MNIST-style dataset, and how to write them as IDX files."""
+
+    train_images: np.ndarray  # (N, H, W) uint8
+    train_labels: np.ndarray  # (N,) uint8
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+    def write(self, folder: Path, gz: bool = True) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, stem in FILES.items():
+            payload = idx_bytes(getattr(self, key))
+            if gz:
+                (folder / f"{stem}.gz").write_bytes(gzip.compress(payload))
+            else:
+                (folder / stem).write_bytes(payload)
+
+
+def make_idx_dataset(
+    *, seed: int = 0, n_train: int, n_test: int, height: int, width: int
+) -> Written:
+    """Random uint8 images (every training image distinct) and labels 0-9."""
+    rng = np.random.default_rng(seed)
+    written = Written(
+        train_images=rng.integers(0, 256, size=(n_train, height, width), dtype=np.uint8),
+        train_labels=rng.integers(0, 10, size=n_train, dtype=np.uint8),
+        test_images=rng.integers(0, 256, size=(n_test, height, width), dtype=np.uint8),
+        test_labels=rng.integers(0, 10, size=n_test, dtype=np.uint8),
+    )
+    # Every image distinct, so "same set of images" is a meaningful comparison.
+    assert len({im.tobytes() for im in written.train_images}) == n_train
+    return written
+
+
+@pytest.fixture
+def no_system_copies(monkeypatch, tmp_path):
+    """Never find a dataset installed on this machine (e.g. /usr/share/datasets)."""
+    for name in list(data.SYSTEM_DIRS):
+        monkeypatch.setitem(data.SYSTEM_DIRS, name, [str(tmp_path / "no-system-copy" / name)])

@@ -1,0 +1,161 @@
+"""The search as users run it: a killed driver resumed with --resume, and `ray job submit`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raytrain_vae.data import SYSTEM_DIRS
+from raytrain_vae.export import load_model
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def write_search_config(tmp_path: Path, name: str, num_samples: int) -> Path:
+    assert Path(SYSTEM_DIRS["fashion_mnist"][0]).is_dir(), "needs dataset-fashion-mnist"
+    cfg = {
+        "data": {"root": str(tmp_path / "data"), "download": False, "limit": 300},
+        "model": {"channels": [4, 8], "hidden_dim": 16, "latent_dim": 2},
+        "train": {"epochs": 2, "batch_size": 32},
+        "scaling": {"num_workers": 1},
+        "run": {"name": name, "storage_path": str(tmp_path / "runs")},
+        "search": {
+            "num_samples": num_samples,
+            "max_concurrent_trials": 1,
+            "scheduler": {"type": "none"},
+            "space": {"train.lr": {"loguniform": [3.0e-4, 3.0e-3]}},
+        },
+        "export": {"dir": str(tmp_path / "export"), "num_samples": 4, "num_reconstructions": 4},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def test_killed_search_resumes_and_exports_best_over_all_trials(tmp_path):
+    config = write_search_config(tmp_path, "resume", num_samples=3)
+    cmd = [sys.executable, "-m", "raytrain_vae.tune", str(config)]
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(
+        cmd, cwd=REPO, env=clean_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    trials = tmp_path / "runs" / "resume" / "trials"
+    try:
+        deadline = time.monotonic() + 240
+        # The second trial's Train run starts only after the first finished (1 at a time).
+        while len(list(trials.glob("train-*"))) < 2 and time.monotonic() < deadline:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(1)
+        assert len(list(trials.glob("train-*"))) >= 2, "search never reached its second trial"
+    finally:
+        kill_group(first)  # SIGKILL-equivalent for the driver and its embedded Ray
+    assert not (tmp_path / "export").exists()
+
+    again = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+    resumed = subprocess.run(
+        [*cmd, "--resume"], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "runs" / "resume" / "summary.csv")
+    assert len(table) == 3 and set(table["status"]) == {"done"}, table
+    assert (table["epochs"] == 2).all()
+    best = table.loc[table["best_val_neg_elbo"].idxmin()]
+    assert f"best trial {best['trial_id']}" in resumed.stdout
+    load_model(tmp_path / "export")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    # Ray's socket paths must stay short: a pytest tmp path is too long for them.
+    temp_dir = tempfile.mkdtemp(prefix="rtv-", dir="/tmp")
+    port, dashboard = free_port(), free_port()
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"), "start", "--head", "--block",
+            "--node-ip-address=127.0.0.1", f"--port={port}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            "--num-cpus=2", f"--temp-dir={temp_dir}",
+        ],
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # 401 without the token: the server is up
+                break
+            except OSError:
+                assert head.poll() is None, "ray start --head exited"
+                time.sleep(1)
+        yield url
+    finally:
+        kill_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_search_on_a_running_head(ray_head, tmp_path):
+    config = write_search_config(tmp_path, "job", num_samples=2)
+    env = clean_env()
+    env["RAY_AUTH_MODE"] = "token"  # the CLI reads the head's token from ~/.ray/auth_token
+    submit = subprocess.run(
+        [
+            str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+            "--", "python", "-m", "raytrain_vae.tune", str(config),
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    out = submit.stdout + submit.stderr
+    assert submit.returncode == 0, out[-4000:]
+    assert "succeeded" in out
+    table = pd.read_csv(tmp_path / "runs" / "job" / "summary.csv")
+    assert len(table) == 2
+    model = load_model(tmp_path / "export")
+    assert model.sample(3).shape == (3, 1, 28, 28)
