@@ -197,6 +197,14 @@ class SearchSection(_Section):
     def multi_objective(self) -> bool:
         return not isinstance(self.metric, str)
 
+    @property
+    def selection(self) -> tuple[str, str]:
+        """(metric, mode) that picks the best epoch, checkpoint and trial to export: the search
+        metric, or the negative ELBO (recon + KL, a point on the front) in multi-objective mode."""
+        if self.multi_objective:
+            return "val_neg_elbo", "min"
+        return self.metric, self.mode  # type: ignore[return-value]
+
 
 class ExportSection(_Section):
     dir: str | None = Field(

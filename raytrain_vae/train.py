@@ -351,5 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point: user errors -> one line on stderr, exit status 2."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -38,19 +38,13 @@ def run_trial(sampled: dict, base: dict, params: list[Param], trials_path: str) 
         name=f"train-{trial_id}",
         storage_path=trials_path,
         callbacks=[TuneReportCallback()],
-        score=_score(cfg),
+        score=cfg.search.selection,
     )
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as exc:
         user_error = user_error_from(exc)
         raise (user_error or exc) from None
-
-
-def _score(cfg: Config) -> tuple[str, str]:
-    """Checkpoints are kept by the search metric (by the ELBO in multi-objective mode)."""
-    s = cfg.search
-    return ("val_neg_elbo", "min") if s.multi_objective else (s.metric, s.mode)
 
 
 def experiment_path(cfg: Config) -> str:
@@ -125,8 +119,7 @@ def _trainable(cfg: Config, params: list[Param]):
 
 def trial_table(cfg: Config, params: list[Param], results: tune.ResultGrid) -> pd.DataFrame:
     """One row per trial: status, epochs run, best metric and its checkpoint, decoded params."""
-    metric = "val_neg_elbo" if cfg.search.multi_objective else cfg.search.metric
-    better = min if (cfg.search.multi_objective or cfg.search.mode == "min") else max
+    metric, mode = cfg.search.selection
     rows = []
     for result in results:
         history = result.metrics_dataframe
@@ -144,7 +137,7 @@ def trial_table(cfg: Config, params: list[Param], results: tune.ResultGrid) -> p
             values = history[metric].astype(float)
             finite = values[values.map(math.isfinite)]
             if len(finite):
-                best_idx = finite.idxmin() if better is min else finite.idxmax()
+                best_idx = finite.idxmin() if mode == "min" else finite.idxmax()
                 best = history.loc[best_idx]
                 row[f"best_{metric}"] = float(best[metric])
                 row["best_epoch"] = int(best["epoch"])
@@ -216,14 +209,13 @@ def write_table(table: pd.DataFrame, folder: str, stem: str) -> list[str]:
 
 
 def best_trial(cfg: Config, table: pd.DataFrame) -> pd.Series:
-    metric = "val_neg_elbo" if cfg.search.multi_objective else cfg.search.metric
+    metric, mode = cfg.search.selection
     column = f"best_{metric}"
     candidates = table.dropna(subset=[column]) if column in table else table.iloc[0:0]
     candidates = candidates[candidates["best_checkpoint"].notna()]
     if candidates.empty:
         raise ConfigError(f"no trial reported a finite {metric}: nothing to export")
-    ascending = cfg.search.multi_objective or cfg.search.mode == "min"
-    return candidates.sort_values(column, ascending=ascending).iloc[0]
+    return candidates.sort_values(column, ascending=mode == "min").iloc[0]
 
 
 def export_best(cfg: Config, best: pd.Series) -> Path:
@@ -273,7 +265,7 @@ def search(cfg: Config, resume: bool = False) -> tuple[pd.DataFrame, Path]:
             print(f"Pareto plot: {path}/{PARETO_FILE}.png")
     best = best_trial(cfg, table)
     export = export_best(cfg, best)
-    metric = "val_neg_elbo" if cfg.search.multi_objective else cfg.search.metric
+    metric, _ = cfg.search.selection
     print(
         f"best trial {best['trial_id']}: {metric} {best[f'best_{metric}']:.3f} nats at epoch "
         f"{int(best['best_epoch'])}; exported to {export}"
@@ -308,5 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point: user errors -> one line on stderr, exit status 2."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
