@@ -13,11 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from conftest import make_idx_dataset
 from PIL import Image
 
 from raytrain_vae.config import UserError, dump_config, load_config
-from raytrain_vae.export import save_weights
-from raytrain_vae.generate import latents_for, sample
+from raytrain_vae.export import load_model, save_weights
+from raytrain_vae.generate import encode_images, latents_for, png_bytes, read_inputs, sample
 from raytrain_vae.model import ConvVAE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,3 +124,96 @@ def test_overwrite_replaces_existing_output(ray_local, model_dir, tmp_path):
     assert read_rows(out).num_rows == 10  # untouched by the refused run
     sample(str(model_dir), 12, str(out), overwrite=True)
     assert read_rows(out).num_rows == 12
+
+
+@pytest.fixture(scope="module")
+def written_model(tmp_path_factory) -> tuple[Path, object]:
+    """A model dir whose config points at tiny MNIST-format IDX files (dataset split input)."""
+    folder = tmp_path_factory.mktemp("idxmodel")
+    written = make_idx_dataset(n_train=40, n_test=30, height=28, width=28)
+    written.write(folder / "data")
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=mnist",
+            f"data.root={folder / 'data'}",
+            "data.download=false",
+            "data.binarize=none",
+            "model.channels=[4,8]",
+            "model.hidden_dim=16",
+            f"model.latent_dim={LATENT}",
+        ],
+    )
+    torch.manual_seed(1)
+    save_weights(ConvVAE(cfg.model, (1, 28, 28)), folder / "model.safetensors")
+    (folder / "config.yaml").write_text(dump_config(cfg))
+    return folder, written
+
+
+@pytest.mark.slow
+def test_reconstruct_split_keeps_ids_labels_and_latents_aligned(ray_local, written_model, tmp_path):
+    model_dir, written = written_model
+    rows = encode_images(
+        str(model_dir), str(tmp_path / "r"), split="test", batch_size=7, concurrency=2
+    )
+    assert rows == 30
+    table = read_rows(tmp_path / "r")
+    assert table.column("id").to_pylist() == list(range(30))
+    assert table.column("label").to_pylist() == written.test_labels.tolist()
+    assert table.schema.field("latent_mu").type == pa.list_(pa.float32(), LATENT)
+    model = load_model(model_dir)
+    x = torch.from_numpy(written.test_images).float().unsqueeze(1) / 255
+    mu, logvar = model.encode(x)
+    got = np.array(table.column("latent_mu").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(got, mu.detach().numpy(), rtol=1e-4, atol=1e-5)
+    recon = Image.open(io.BytesIO(table.column("reconstruction")[3].as_py()))
+    assert recon.size == (28, 28)
+    nll = np.array(table.column("recon_nll").to_pylist())
+    elbo = np.array(table.column("neg_elbo").to_pylist())
+    assert (nll > 0).all() and (elbo > 0).all()
+
+
+@pytest.mark.slow
+def test_encode_parquet_input_uses_its_ids_and_png_images(ray_local, written_model, tmp_path):
+    model_dir, written = written_model
+    ids = [105, 7, 42, 3]
+    pngs = [png_bytes(written.test_images[i][None]) for i in range(4)]
+    pq.write_table(
+        pa.table({"id": ids, "image": pngs, "label": [1, 2, 3, 4]}), tmp_path / "in.parquet"
+    )
+    rows = encode_images(
+        str(model_dir),
+        str(tmp_path / "e"),
+        input_path=str(tmp_path / "in.parquet"),
+        reconstruct=False,
+    )
+    assert rows == 4
+    table = read_rows(tmp_path / "e")
+    assert set(table.column_names) == {"id", "label", "latent_mu", "latent_logvar"}
+    by_id = dict(
+        zip(table.column("id").to_pylist(), table.column("latent_mu").to_pylist(), strict=True)
+    )
+    model = load_model(model_dir)
+    for i, row_id in enumerate(ids):
+        x = torch.from_numpy(written.test_images[i]).float()[None, None] / 255
+        np.testing.assert_allclose(
+            by_id[row_id], model.encode(x)[0][0].detach().numpy(), rtol=1e-4, atol=1e-5
+        )
+    labels = dict(
+        zip(table.column("id").to_pylist(), table.column("label").to_pylist(), strict=True)
+    )
+    assert labels == {105: 1, 7: 2, 42: 3, 3: 4}
+
+
+def test_non_image_input_is_refused(written_model, tmp_path):
+    model_dir, _ = written_model
+    pq.write_table(pa.table({"image": [b"not a png"]}), tmp_path / "bad.parquet")
+    with pytest.raises(UserError, match="not an image"):
+        read_inputs(str(model_dir), "test", str(tmp_path / "bad.parquet"))
+    small = png_bytes(np.zeros((1, 8, 8), np.uint8))
+    pq.write_table(pa.table({"image": [small]}), tmp_path / "small.parquet")
+    with pytest.raises(UserError, match="8x8"):
+        read_inputs(str(model_dir), "test", str(tmp_path / "small.parquet"))
+    pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "text.parquet")
+    with pytest.raises(UserError, match="image"):
+        read_inputs(str(model_dir), "test", str(tmp_path / "text.parquet"))
