@@ -36,3 +36,75 @@ def reconstruction_grid(model: ConvVAE, images: torch.Tensor, path: str | Path) 
             blank = row.new_zeros(nrow - len(row), *row.shape[1:])  # keep columns aligned
             rows.append(torch.cat([row, blank]))
     save_grid(torch.cat(rows), path, nrow=nrow)
+
+
+@torch.no_grad()
+def interpolation_grid(
+    model: ConvVAE,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    path: str | Path,
+    steps: int = 10,
+) -> None:
+    """One row per pair of images: decodes of the straight line between their posterior means."""
+    rows = []
+    for a, b in pairs:
+        mu, _ = model.encode(torch.stack([a, b]))
+        t = torch.linspace(0, 1, steps, device=mu.device)[:, None]
+        rows.append(model.mean_image(model.decode((1 - t) * mu[0] + t * mu[1])))
+    save_grid(torch.cat(rows), path, nrow=steps)
+
+
+@torch.no_grad()
+def latent_map(model: ConvVAE, path: str | Path, size: int = 20, span: float = 2.5) -> None:
+    """For a 2-D latent space: decodes of a size x size grid over [-span, span]^2."""
+    if model.cfg.latent_dim != 2:
+        raise ValueError("a latent map needs latent_dim == 2")
+    axis = torch.linspace(-span, span, size, device=next(model.parameters()).device)
+    ys, xs = torch.meshgrid(axis.flip(0), axis, indexing="ij")  # y grows upwards
+    z = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
+    save_grid(model.mean_image(model.decode(z)), path, nrow=size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m raytrain_vae.images --model DIR --output DIR: every picture of a model."""
+    import argparse  # the imports below are here because export.py imports this module
+
+    from raytrain_vae.config import UserError
+    from raytrain_vae.data import load_splits, to_model_input
+    from raytrain_vae.export import load_export
+
+    parser = argparse.ArgumentParser(prog="python -m raytrain_vae.images", description=__doc__)
+    parser.add_argument("--model", required=True, help="exported model directory")
+    parser.add_argument("--output", required=True, help="folder for the PNGs")
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.num_samples <= 0:
+        raise UserError(f"--num-samples must be > 0 (got {args.num_samples})")
+    model, cfg = load_export(args.model)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    test = to_model_input(load_splits(cfg.data).test[:32], False)
+    written = {
+        "samples.png": lambda p: sample_grid(model, p, args.num_samples, args.seed),
+        "reconstructions.png": lambda p: reconstruction_grid(model, test[:16], p),
+        "interpolations.png": lambda p: interpolation_grid(
+            model, [(test[i], test[i + 1]) for i in range(0, 16, 2)], p
+        ),
+    }
+    if cfg.model.latent_dim == 2:
+        written["latent_map.png"] = lambda p: latent_map(model, p)
+    for name, draw in written.items():
+        tmp = out / f".{name}.tmp.png"
+        draw(tmp)
+        tmp.replace(out / name)  # a viewer never sees half a PNG
+        print(f"wrote {out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from raytrain_vae.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -1,0 +1,75 @@
+"""PNG pictures of a model: interpolation endpoints, 2-D latent map, and the images CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_idx_dataset
+from PIL import Image
+
+from raytrain_vae.config import dump_config, load_config
+from raytrain_vae.export import save_weights
+from raytrain_vae.images import interpolation_grid, latent_map, main
+from raytrain_vae.model import ConvVAE
+
+
+def tiny_model(latent_dim: int) -> ConvVAE:
+    cfg = load_config(
+        None, ["model.channels=[4,8]", "model.hidden_dim=16", f"model.latent_dim={latent_dim}"]
+    )
+    torch.manual_seed(0)
+    return ConvVAE(cfg.model, (1, 28, 28)).eval()
+
+
+def grid_tiles(path, rows: int, cols: int) -> np.ndarray:
+    """Split a torchvision grid (padding 2) back into (rows, cols, 28, 28) uint8 tiles."""
+    a = np.asarray(Image.open(path).convert("L"))
+    assert a.shape == (rows * 30 + 2, cols * 30 + 2)
+    return np.stack(
+        [
+            [a[2 + r * 30 : r * 30 + 30, 2 + c * 30 : c * 30 + 30] for c in range(cols)]
+            for r in range(rows)
+        ]
+    )
+
+
+def test_interpolation_starts_and_ends_at_the_reconstructions(tmp_path):
+    model = tiny_model(4)
+    x = torch.rand(4, 1, 28, 28)
+    interpolation_grid(model, [(x[0], x[1]), (x[2], x[3])], tmp_path / "i.png", steps=5)
+    tiles = grid_tiles(tmp_path / "i.png", rows=2, cols=5)
+    recon = (model.reconstruct(x).clamp(0, 1) * 255).round().squeeze(1).numpy()
+    for row, (a, b) in enumerate([(0, 1), (2, 3)]):
+        assert np.abs(tiles[row, 0].astype(int) - recon[a]).max() <= 1
+        assert np.abs(tiles[row, -1].astype(int) - recon[b]).max() <= 1
+
+
+def test_latent_map_needs_two_latent_dims_and_tiles_the_plane(tmp_path):
+    with pytest.raises(ValueError, match="latent_dim == 2"):
+        latent_map(tiny_model(3), tmp_path / "no.png")
+    model = tiny_model(2)
+    latent_map(model, tmp_path / "map.png", size=4, span=1.0)
+    tiles = grid_tiles(tmp_path / "map.png", rows=4, cols=4)
+    # Top-left tile is z = (-1, +1): the grid's y axis grows upwards.
+    expected = model.mean_image(model.decode(torch.tensor([[-1.0, 1.0]]))).detach()
+    assert np.abs(tiles[0, 0].astype(int) - (expected * 255).round().squeeze().numpy()).max() <= 1
+
+
+def test_images_cli_writes_every_picture(tmp_path):
+    written = make_idx_dataset(n_train=40, n_test=32, height=28, width=28)
+    written.write(tmp_path / "data")
+    cfg = load_config(
+        None,
+        ["data.dataset=mnist", f"data.root={tmp_path / 'data'}", "data.download=false",
+         "model.channels=[4,8]", "model.hidden_dim=16", "model.latent_dim=2"],
+    )  # fmt: skip
+    save_weights(ConvVAE(cfg.model, (1, 28, 28)), tmp_path / "model.safetensors")
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    assert (
+        main(["--model", str(tmp_path), "--output", str(tmp_path / "png"), "--num-samples", "9"])
+        == 0
+    )
+    names = {p.name for p in (tmp_path / "png").iterdir()}
+    assert names == {"samples.png", "reconstructions.png", "interpolations.png", "latent_map.png"}
+    assert Image.open(tmp_path / "png" / "samples.png").size == (3 * 30 + 2, 3 * 30 + 2)
