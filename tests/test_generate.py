@@ -217,3 +217,15 @@ def test_non_image_input_is_refused(written_model, tmp_path):
     pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "text.parquet")
     with pytest.raises(UserError, match="image"):
         read_inputs(str(model_dir), "test", str(tmp_path / "text.parquet"))
+
+
+def test_png_folder_input_reads_files_in_name_order(written_model, tmp_path):
+    model_dir, written = written_model
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for name, i in (("b.png", 1), ("a.png", 0), ("c.png", 2)):
+        (folder / name).write_bytes(png_bytes(written.test_images[i][None]))
+    table = read_inputs(str(model_dir), "test", str(folder))
+    assert table.column("id").to_pylist() == [0, 1, 2]
+    pixels = np.array(table.column("pixels").to_pylist(), dtype=np.uint8)
+    np.testing.assert_array_equal(pixels, written.test_images[:3].reshape(3, -1))
