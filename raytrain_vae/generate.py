@@ -289,7 +289,8 @@ def _job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The generate CLI: sample, reconstruct, encode."""
     parser = argparse.ArgumentParser(prog="python -m raytrain_vae.generate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="generate new images from z ~ N(0, T^2 I)")
@@ -305,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         _job_args(p)
         p.add_argument("--split", choices=["test", "val", "train"], default="test")
         p.add_argument("--input", help="Parquet file/dir (image or pixels column) or PNG folder")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     common = (args.seed, args.batch_size, args.concurrency, args.num_gpus)
     if args.command == "sample":
