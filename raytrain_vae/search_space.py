@@ -60,8 +60,20 @@ def _number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _yaml_number(x: Any) -> Any:
+    # PyYAML reads 1e-4 or 3.0e10 (no dot, or no exponent sign) as strings, not floats.
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return x
+    return x
+
+
 def _check_args(path: str, kind: str, args: Any) -> tuple:
     where = f"search.space.{path}: {kind}"
+    if kind != "choice" and isinstance(args, list):
+        args = [_yaml_number(a) for a in args]
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where} needs a non-empty list of values")
@@ -120,6 +132,7 @@ def parse_space(cfg: Config) -> list[Param]:
                 f"search.space.{path}: unknown type {kind!r}; use one of {', '.join(KINDS)}"
             )
         param = Param(path, kind, _check_args(path, kind, args))
+        checked = []
         for value in _samples(param):
             try:
                 cfg_with_value = with_override(base, path, value)
@@ -130,8 +143,18 @@ def parse_space(cfg: Config) -> list[Param]:
                 raise ConfigError(
                     f"search.space.{path}: {kind} value {value!r}: {reason}"
                 ) from None
+            checked.append(get_dotted(cfg_with_value.model_dump(mode="json"), path))
+        if kind == "choice":
+            # Choices as the config types them ("1e-3" -> 0.001), so every trial row agrees.
+            param = Param(path, kind, _check_args(path, kind, checked))
         params.append(param)
     return params
+
+
+def get_dotted(raw: dict, path: str) -> Any:
+    for part in path.split("."):
+        raw = raw[part]
+    return raw
 
 
 def with_override(raw: dict, path: str, value: Any) -> Config:

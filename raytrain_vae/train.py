@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -114,6 +115,25 @@ def _load_checkpoint(
     return json.loads((folder / STATE_FILE).read_text())
 
 
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+# Test-only fault injection: "<epoch>:<marker file>" makes rank 0 die (os._exit) once, at the
+# start of that epoch, so tests can check that Ray Train restarts from the last checkpoint.
+FAIL_ONCE_ENV = "RAYTRAIN_VAE_FAIL_ONCE_AT_EPOCH"
+
+
+def _fail_once_if_asked(epoch: int, rank: int) -> None:
+    spec = os.environ.get(FAIL_ONCE_ENV)
+    if not spec or rank != 0:
+        return
+    at, marker = spec.split(":", 1)
+    if epoch == int(at) and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+
+
 def _log(line: str) -> None:
     # Ray Train patches print() to tee into its logger, which shows each line twice; the raw
     # stream is still forwarded to the driver once.
@@ -177,6 +197,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     binarizer = torch.Generator(device=device)
 
     for epoch in range(state["epoch"], cfg.train.epochs):
+        _fail_once_if_asked(epoch + 1, rank)
         epoch_start = time.perf_counter()
         # Every random stream is a function of (seed, epoch, rank): a resumed epoch replays exactly.
         torch.manual_seed(cfg.train.seed * 7919 + epoch * 104729 + rank)
@@ -218,6 +239,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_s, epoch_s = _all_reduce(
             [train_seconds, time.perf_counter() - epoch_start], "max", device
         ).tolist()
+        if not all(math.isfinite(v) for v in (loss_sum, val_recon, val_kl)):
+            # Raised on every rank alike (the sums are all-reduced), before a bad checkpoint.
+            raise TrainingDiverged(
+                f"training diverged in epoch {epoch + 1} (loss {loss_sum / n_train}, val "
+                f"{(val_recon + val_kl) / n_val}); lower train.lr or set train.grad_clip"
+            )
         val_neg_elbo = (val_recon + val_kl) / n_val
         metrics = {
             "epoch": epoch + 1,
