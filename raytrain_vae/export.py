@@ -120,8 +120,13 @@ def export_model(
     metrics = json.loads((Path(checkpoint_dir) / METRICS_FILE).read_text())
     metrics.update(extra_metrics or {})
     export_dir = Path(export_dir)
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=export_dir.parent))
+    try:
+        export_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=export_dir.parent))
+    except OSError as exc:
+        raise ExportError(
+            f"export.dir {export_dir}: not writable ({exc.strerror or exc})"
+        ) from None
     try:
         save_weights(model, tmp / MODEL_FILE)
         (tmp / CONFIG_FILE).write_text(dump_config(cfg))
@@ -132,6 +137,9 @@ def export_model(
         (tmp / CARD_FILE).write_text(_model_card(cfg, metrics))
         _apply_umask(tmp)
         _swap_in(tmp, export_dir)
+    except OSError as exc:  # disk full, quota, permissions: the previous export is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"cannot write export to {export_dir}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -349,8 +349,21 @@ def preflight(cfg: Config) -> None:
     """Fail fast, before Ray starts, on what the driver can check: the model fits the images and,
     when Ray runs embedded on this machine, the data is here (downloaded once, not per worker)."""
     ConvVAE(cfg.model, IMAGE_SHAPE)
+    check_writable(cfg.resolved_storage_path(), "run.storage_path")
     if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
         ensure_files(cfg.data)
+
+
+def check_writable(path: str, key: str) -> None:
+    """A local folder we can create and write a file in (URIs are left to pyarrow)."""
+    if "://" in path:
+        return
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key} {path}: not writable ({exc.strerror or exc})") from None
 
 
 def fit(cfg: Config) -> Result:

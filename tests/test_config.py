@@ -322,3 +322,13 @@ def test_dump_round_trips_non_defaults(tmp_path):
     assert back == cfg
     assert back.run.name == "on"
     assert back.train.lr == 3e-5
+
+
+def test_unwritable_storage_path_fails_before_ray_starts(tmp_path):
+    from raytrain_vae.train import preflight
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = load_config(None, [f"run.storage_path={blocker / 'runs'}"])
+    with pytest.raises(ConfigError, match=r"run.storage_path .*: not writable"):
+        preflight(cfg)

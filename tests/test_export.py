@@ -359,3 +359,35 @@ def test_export_of_a_copied_directory_loads(exported, tmp_path):
     shutil.copytree(exported, moved)
     shutil.rmtree(tmp_path / "ckpt")
     assert_same_weights(load_model(moved), load_model(exported))
+
+
+def test_disk_full_during_export_leaves_the_previous_export_intact(
+    tmp_path, data_root, monkeypatch
+):
+    import errno
+
+    import raytrain_vae.export as export_module
+
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, make_cfg(data_root))
+    out = tmp_path / "export"
+    export_model(ckpt, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_module, "save_weights", full)
+    with pytest.raises(ExportError, match="No space left on device"):
+        export_model(ckpt, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name] == []
+
+
+def test_unwritable_export_dir_is_a_clear_error(tmp_path, data_root):
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, make_cfg(data_root))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ExportError, match="not writable"):
+        export_model(ckpt, blocker / "export")
