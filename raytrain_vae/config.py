@@ -61,6 +61,21 @@ class ModelConfig(_Section):
         "bernoulli",
         description="p(x|z): bernoulli (BCE with logits) or gaussian (learned global sigma).",
     )
+    activation: Literal["relu", "elu", "silu"] = Field(
+        "relu", description="Nonlinearity after every conv and dense layer: relu, elu or silu."
+    )
+    residual_blocks: int = Field(
+        0,
+        ge=0,
+        description="Residual blocks (3x3 conv, 1x1 conv, skip) after each encoder conv and "
+        "before each decoder upsampling, at that resolution; 0 = plain stacks.",
+    )
+    decoder_head_channels: int = Field(
+        0,
+        ge=0,
+        description="If > 0, the last upsampling outputs this many full-resolution feature maps "
+        "and a 3x3 conv turns them into pixels; 0 = the last upsampling outputs pixels.",
+    )
 
     @field_validator("channels")
     @classmethod
@@ -83,6 +98,22 @@ class TrainConfig(_Section):
     kl_warmup_epochs: float = Field(
         0.0, ge=0, description="Epochs over which the KL weight ramps linearly from 0 to beta."
     )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="constant: lr throughout; cosine: lr decays per step to 0 at the last epoch.",
+    )
+    free_bits: float = Field(
+        0.0,
+        ge=0,
+        description="Free bits (nats per latent dim): each dim's batch-mean KL enters the "
+        "training loss as max(free_bits, KL_d); 0 = off. Validation is unaffected.",
+    )
+    iwae_k: int = Field(
+        1,
+        ge=1,
+        description="Importance samples in the training bound: 1 = the ELBO, k > 1 = the IWAE "
+        "bound (needs beta = 1, no KL warm-up, no free bits). Validation stays the ELBO.",
+    )
     grad_clip: float | None = Field(None, gt=0, description="Max gradient norm; null = off.")
     amp: Literal["none", "bf16"] = Field(
         "none", description="bf16 autocast for the forward pass (meant for GPUs)."
@@ -91,6 +122,16 @@ class TrainConfig(_Section):
         True, description="NHWC memory format for convs (measured faster on CPU; see benchmarks)."
     )
     seed: int = Field(0, description="Seed for initialisation, shuffling and binarization.")
+
+    @model_validator(mode="after")
+    def _iwae_alone(self) -> TrainConfig:
+        if self.iwae_k > 1 and (self.beta != 1 or self.kl_warmup_epochs or self.free_bits):
+            raise ValueError(
+                f"train.iwae_k={self.iwae_k} trains the importance-weighted bound, which has no "
+                "KL term to reweight: it needs train.beta=1, train.kl_warmup_epochs=0 and "
+                "train.free_bits=0"
+            )
+        return self
 
 
 class ScalingSection(_Section):

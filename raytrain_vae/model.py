@@ -9,6 +9,24 @@ from torch import nn
 
 from raytrain_vae.config import ConfigError, ModelConfig
 
+ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU}
+
+
+class ResidualBlock(nn.Module):
+    """x + conv1x1(act(conv3x3(act(x)))): more depth at one resolution, same shape out."""
+
+    def __init__(self, channels: int, activation: type[nn.Module]) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            activation(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            activation(),
+            nn.Conv2d(channels, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
 
 class ConvVAE(nn.Module):
     """Stride-2 conv encoder -> dense -> (mu, logvar); mirrored transposed-conv decoder.
@@ -23,6 +41,7 @@ class ConvVAE(nn.Module):
         self.image_shape = tuple(image_shape)
         c_in, h, w = self.image_shape
         k, pad = cfg.kernel_size, (cfg.kernel_size - 1) // 2
+        act = ACTIVATIONS[cfg.activation]
 
         # Spatial size after each stride-2 conv, recorded so the decoder can return exactly to it.
         self._sizes = [(h, w)]
@@ -40,24 +59,35 @@ class ConvVAE(nn.Module):
         enc: list[nn.Module] = []
         prev = c_in
         for c in cfg.channels:
-            enc += [nn.Conv2d(prev, c, k, stride=2, padding=pad), nn.ReLU(inplace=True)]
+            enc += [nn.Conv2d(prev, c, k, stride=2, padding=pad), act()]
+            enc += [ResidualBlock(c, act) for _ in range(cfg.residual_blocks)]
             prev = c
         enc.append(nn.Flatten())
         if cfg.hidden_dim:
-            enc += [nn.Linear(flat, cfg.hidden_dim), nn.ReLU(inplace=True)]
+            enc += [nn.Linear(flat, cfg.hidden_dim), act()]
         enc.append(nn.Linear(cfg.hidden_dim or flat, 2 * cfg.latent_dim))
         self.encoder = nn.Sequential(*enc)
 
         dense: list[nn.Module] = []
         if cfg.hidden_dim:
-            dense += [nn.Linear(cfg.latent_dim, cfg.hidden_dim), nn.ReLU(inplace=True)]
-        dense += [nn.Linear(cfg.hidden_dim or cfg.latent_dim, flat), nn.ReLU(inplace=True)]
+            dense += [nn.Linear(cfg.latent_dim, cfg.hidden_dim), act()]
+        dense += [nn.Linear(cfg.hidden_dim or cfg.latent_dim, flat), act()]
         self.decoder_dense = nn.Sequential(*dense)
-        outs = [*reversed(cfg.channels[:-1]), c_in]
+        # Stage i works at the resolution of encoder layer n-1-i, then upsamples by 2.
         ins = list(reversed(cfg.channels))
+        outs = [*reversed(cfg.channels[:-1]), cfg.decoder_head_channels or c_in]
+        self.decoder_blocks = nn.ModuleList(
+            nn.Sequential(*(ResidualBlock(c, act) for _ in range(cfg.residual_blocks))) for c in ins
+        )
         self.decoder_convs = nn.ModuleList(
             nn.ConvTranspose2d(i, o, k, stride=2, padding=pad)
             for i, o in zip(ins, outs, strict=True)
+        )
+        self.act = act()
+        self.decoder_head = (
+            nn.Conv2d(cfg.decoder_head_channels, c_in, 3, padding=1)
+            if cfg.decoder_head_channels
+            else None
         )
         if cfg.likelihood == "gaussian":
             self.log_sigma = nn.Parameter(torch.zeros(()))
@@ -68,25 +98,34 @@ class ConvVAE(nn.Module):
         return mu, logvar
 
     @staticmethod
-    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """z = mu + sigma * eps, differentiable in mu and logvar."""
-        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, samples: int = 1) -> torch.Tensor:
+        """z = mu + sigma * eps, differentiable in mu and logvar: (samples, B, latent_dim)."""
+        eps = torch.randn(samples, *mu.shape, dtype=mu.dtype, device=mu.device)
+        return mu + eps * torch.exp(0.5 * logvar)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, latent_dim) -> parameters of p(x|z), (B, C, H, W): logits or Gaussian means."""
         h = self.decoder_dense(z).view(-1, *self._feature_shape)
         sizes = list(reversed(self._sizes[:-1]))
         last = len(self.decoder_convs) - 1
-        for i, (conv, size) in enumerate(zip(self.decoder_convs, sizes, strict=True)):
-            h = conv(h, output_size=size)
-            if i < last:
-                h = torch.relu(h)
+        for i, (blocks, conv, size) in enumerate(
+            zip(self.decoder_blocks, self.decoder_convs, sizes, strict=True)
+        ):
+            h = conv(blocks(h), output_size=size)
+            if i < last or self.decoder_head is not None:
+                h = self.act(h)
+        if self.decoder_head is not None:
+            h = self.decoder_head(h)
         return h
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One stochastic pass: (decoder output, mu, logvar)."""
+    def forward(
+        self, x: torch.Tensor, samples: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stochastic pass with `samples` draws of z per image: (decoder output for every draw,
+        (samples * B, C, H, W) sample-major; mu, logvar (B, latent_dim); z (samples, B, latent))."""
         mu, logvar = self.encode(x)
-        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+        z = self.reparameterize(mu, logvar, samples)
+        return self.decode(z.flatten(0, 1)), mu, logvar, z
 
     def mean_image(self, out: torch.Tensor) -> torch.Tensor:
         """Decoder output -> expected image E[x|z] in [0, 1]."""

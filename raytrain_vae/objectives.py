@@ -32,9 +32,57 @@ def elbo_terms(model: ConvVAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """One-sample estimate of (reconstruction NLL, KL) per image; negative ELBO = their sum.
 
     `model` may be a DDP wrapper: its forward is what synchronises gradients."""
-    out, mu, logvar = model(x)
+    out, mu, logvar, _ = model(x)
     vae = getattr(model, "module", model)
     return reconstruction_nll(vae, out, x), kl_to_standard_normal(mu.float(), logvar.float())
+
+
+def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """The KL term of the free-bits objective: sum over latent dims of max(free_bits, batch-mean
+    KL of that dim). A dim below the floor gets no gradient, so it is not pushed to collapse."""
+    per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean(dim=0)
+    return per_dim.clamp(min=free_bits).sum()
+
+
+def log_importance_weights(
+    model: ConvVAE,
+    out: torch.Tensor,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+) -> torch.Tensor:
+    """log p(x|z_s) + log p(z_s) - log q(z_s|x), shape (S, B), for z (S, B, D) decoded to out."""
+    s, b = z.shape[:2]
+    log_px_z = -reconstruction_nll(model, out, x.repeat(s, 1, 1, 1)).view(s, b)
+    z, mu, logvar = z.float(), mu.float(), logvar.float()
+    zero = torch.zeros_like(mu)
+    return log_px_z + log_normal(z, zero, zero) - log_normal(z, mu, logvar)
+
+
+def training_loss(
+    model: ConvVAE,
+    x: torch.Tensor,
+    kl_weight: float = 1.0,
+    free_bits: float = 0.0,
+    iwae_k: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scalar loss to minimise, per-image reconstruction NLL, per-image KL) for one batch.
+
+    iwae_k = 1: mean of recon + kl_weight * KL (or the free-bits KL). iwae_k > 1: the negative
+    IWAE bound -log (1/k) sum_s w_s, which tightens the ELBO; recon and KL are then reported as
+    averages over the k draws, for logging. `model` may be a DDP wrapper."""
+    vae = getattr(model, "module", model)
+    out, mu, logvar, z = model(x, samples=iwae_k)
+    kl = kl_to_standard_normal(mu.float(), logvar.float())
+    if iwae_k == 1:
+        recon = reconstruction_nll(vae, out, x)
+        kl_term = free_bits_kl(mu.float(), logvar.float(), free_bits) if free_bits else kl.mean()
+        return recon.mean() + kl_weight * kl_term, recon, kl
+    log_w = log_importance_weights(vae, out, x, z, mu, logvar)
+    bound = torch.logsumexp(log_w, dim=0) - math.log(iwae_k)
+    recon = reconstruction_nll(vae, out.detach(), x.repeat(iwae_k, 1, 1, 1)).view(iwae_k, -1)
+    return -bound.mean(), recon.mean(dim=0), kl
 
 
 def kl_weight(step: int, steps_per_epoch: int, beta: float, warmup_epochs: float) -> float:
@@ -70,11 +118,8 @@ def iwae_nll(model: ConvVAE, x: torch.Tensor, k: int, max_decodes: int = 4096) -
     done = 0
     while done < k:
         c = min(chunk, k - done)
-        z = mu + torch.randn(c, *mu.shape, device=x.device) * torch.exp(0.5 * logvar)  # (c, b, d)
-        out = model.decode(z.flatten(0, 1))
-        log_px_z = -reconstruction_nll(model, out, x.repeat(c, 1, 1, 1)).view(c, b)
-        zero = torch.zeros_like(mu)
-        log_w = log_px_z + log_normal(z, zero, zero) - log_normal(z, mu, logvar)
+        z = model.reparameterize(mu, logvar, c)  # (c, b, d)
+        log_w = log_importance_weights(model, model.decode(z.flatten(0, 1)), x, z, mu, logvar)
         total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
         done += c
     return -(total - math.log(k))

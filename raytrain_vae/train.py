@@ -46,7 +46,7 @@ from raytrain_vae.data import (
 )
 from raytrain_vae.export import save_weights
 from raytrain_vae.model import ConvVAE
-from raytrain_vae.objectives import bits_per_dim, elbo_terms, kl_weight
+from raytrain_vae.objectives import bits_per_dim, elbo_terms, kl_weight, training_loss
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -113,6 +113,18 @@ def _load_checkpoint(
         torch.load(folder / OPTIMIZER_FILE, map_location=device, weights_only=True)
     )
     return json.loads((folder / STATE_FILE).read_text())
+
+
+def set_learning_rate(
+    optimizer: torch.optim.Optimizer, cfg: Config, step: int, steps_per_epoch: int
+) -> None:
+    """train.lr_schedule at this optimizer step; a pure function of the step, so a resumed run
+    needs no scheduler state."""
+    lr = cfg.train.lr
+    if cfg.train.lr_schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / (cfg.train.epochs * steps_per_epoch))))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 class TrainingDiverged(UserError):
@@ -216,9 +228,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             weight = kl_weight(
                 state["step"], steps_per_epoch, cfg.train.beta, cfg.train.kl_warmup_epochs
             )
+            set_learning_rate(optimizer, cfg, state["step"], steps_per_epoch)
             with autocast:
-                recon, kl = elbo_terms(ddp_model, x)
-            loss = (recon + weight * kl).mean()
+                loss, recon, kl = training_loss(
+                    ddp_model, x, weight, cfg.train.free_bits, cfg.train.iwae_k
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip is not None:

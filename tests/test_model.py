@@ -49,7 +49,7 @@ def test_conv_vae_shapes(channels, kernel_size, image_shape):
     out = model.decode(mu)
     assert out.shape == (batch, *image_shape)
 
-    out, mu2, logvar2 = model(x)
+    out, mu2, logvar2, _ = model(x)
     assert out.shape == (batch, *image_shape)
     assert torch.allclose(mu2, mu) and torch.allclose(logvar2, logvar)
 
@@ -68,7 +68,7 @@ def test_likelihoods_and_no_hidden_layer(likelihood, hidden_dim):
     model = make_model((1, 12, 10), channels=[4, 8], hidden_dim=hidden_dim, likelihood=likelihood)
     assert hasattr(model, "log_sigma") == (likelihood == "gaussian")
     x = torch.rand(2, 1, 12, 10)
-    out, mu, logvar = model(x)
+    out, mu, logvar, _ = model(x)
     assert out.shape == x.shape and mu.shape == (2, 16)
     samples = model.sample(4, temperature=3.0)
     assert samples.shape == (4, 1, 12, 10)
