@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -50,12 +51,7 @@ def load_export(
             f"{directory}: not a model directory (needs {MODEL_FILE} and {CONFIG_FILE})"
         )
     cfg = validate_config(read_yaml_mapping(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(weights, device=str(device))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ExportError(f"{weights}: unreadable weights ({exc})") from None
+    state, meta = load_weights(weights, device)
     shape = tuple(
         int(d) for d in meta.get("image_shape", ",".join(map(str, IMAGE_SHAPE))).split(",")
     )
@@ -69,10 +65,44 @@ def load_export(
     return model.to(device).eval(), cfg
 
 
+def load_weights(
+    path: Path, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file, refused if unreadable or if its tensors
+    do not match the checksum save_weights put in its header."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ExportError(f"{path}: unreadable weights ({exc})") from None
+    if "sha256" in meta and meta["sha256"] != weights_digest(state):
+        raise ExportError(
+            f"{path}: tensors do not match the checksum in the file's header (modified or "
+            "corrupted after it was written)"
+        )
+    return state, meta
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_weights(model: ConvVAE, path: Path) -> None:
-    """Weights as safetensors, with the image shape and format in the header metadata."""
+    """Weights as safetensors; the header's metadata holds the format, the image shape and a
+    checksum of the tensors, so a file edited after it was written is refused on load."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"format": FORMAT, "image_shape": ",".join(map(str, model.image_shape))}
+    metadata = {
+        "format": FORMAT,
+        "image_shape": ",".join(map(str, model.image_shape)),
+        "sha256": weights_digest(state),
+    }
     save_file(state, path, metadata=metadata)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -24,7 +25,6 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load_file
 
 from raytrain_vae.cli import config_from_args, run_cli
 from raytrain_vae.config import (
@@ -44,7 +44,7 @@ from raytrain_vae.data import (
     shard_indices,
     to_model_input,
 )
-from raytrain_vae.export import save_weights
+from raytrain_vae.export import ExportError, load_weights, save_weights
 from raytrain_vae.model import ConvVAE
 from raytrain_vae.objectives import bits_per_dim, elbo_terms, kl_weight, training_loss
 
@@ -101,17 +101,19 @@ def _load_checkpoint(
     cfg: Config,
     device: torch.device,
 ) -> dict:
-    saved = validate_config(read_yaml_mapping(folder / CONFIG_FILE), f"{folder / CONFIG_FILE}")
-    if saved.model != cfg.model:
-        raise ConfigError(
-            f"run.name={cfg.run.name!r} already holds a checkpoint of another model "
-            f"({saved.model.model_dump()}); choose a new run.name"
-        )
-    model.load_state_dict(load_file(folder / MODEL_FILE, device=str(device)))
+    _check_same_model(folder, cfg)
+    model.load_state_dict(load_weights(folder / MODEL_FILE, device)[0])
     # weights_only: a checkpoint is data, never code to unpickle.
-    optimizer.load_state_dict(
-        torch.load(folder / OPTIMIZER_FILE, map_location=device, weights_only=True)
-    )
+    try:
+        optimizer_state = torch.load(
+            folder / OPTIMIZER_FILE, map_location=device, weights_only=True
+        )
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"{folder / OPTIMIZER_FILE}: refused, not a plain tensor state ({first})"
+        ) from None
+    optimizer.load_state_dict(optimizer_state)
     return json.loads((folder / STATE_FILE).read_text())
 
 
@@ -125,6 +127,27 @@ def set_learning_rate(
         lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / (cfg.train.epochs * steps_per_epoch))))
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def _check_same_model(folder: Path, cfg: Config) -> None:
+    saved = validate_config(read_yaml_mapping(folder / CONFIG_FILE), f"{folder / CONFIG_FILE}")
+    if saved.model != cfg.model:
+        raise ConfigError(
+            f"run.name={cfg.run.name!r} already holds a checkpoint of another model "
+            f"({saved.model.model_dump()}); choose a new run.name"
+        )
+
+
+def check_resumable(cfg: Config) -> None:
+    """Refuse, before Ray starts, to resume run.name from local checkpoints of another model or
+    with weights that fail their checksum (workers check again, e.g. on URI storage)."""
+    storage = cfg.resolved_storage_path()
+    if "://" in storage:
+        return
+    for folder in sorted((Path(storage) / cfg.run.name).glob("checkpoint_*")):
+        if (folder / CONFIG_FILE).is_file():
+            _check_same_model(folder, cfg)
+            load_weights(folder / MODEL_FILE)
 
 
 class TrainingDiverged(UserError):
@@ -364,6 +387,7 @@ def preflight(cfg: Config) -> None:
     when Ray runs embedded on this machine, the data is here (downloaded once, not per worker)."""
     ConvVAE(cfg.model, IMAGE_SHAPE)
     check_writable(cfg.resolved_storage_path(), "run.storage_path")
+    check_resumable(cfg)
     if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
         ensure_files(cfg.data)
 

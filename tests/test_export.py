@@ -7,6 +7,8 @@ import json
 import math
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -329,6 +331,41 @@ def test_truncated_weights(exported):
     msg = _export_error(exported)
     assert "unreadable weights" in msg
     assert str(weights) in msg
+
+
+def tamper_tensors(weights: Path) -> None:
+    """Change bytes of the tensor data, leaving the header (and so the file's validity) alone."""
+    data = bytearray(weights.read_bytes())
+    header_len = 8 + int.from_bytes(data[:8], "little")
+    for i in range(header_len + 16, header_len + 32):
+        data[i] ^= 0x55
+    weights.write_bytes(bytes(data))
+
+
+def test_tampered_weights_with_a_valid_header_are_refused(exported):
+    weights = exported / "model.safetensors"
+    tamper_tensors(weights)
+    from safetensors.torch import load_file
+
+    assert load_file(weights)  # still a well-formed safetensors file
+    msg = _export_error(exported)
+    assert "do not match the checksum" in msg and str(weights) in msg
+
+
+def test_tampered_export_is_refused_by_the_clis(exported, tmp_path):
+    tamper_tensors(exported / "model.safetensors")
+    for cmd in (
+        ["raytrain_vae.evaluate", "--model", str(exported)],
+        ["raytrain_vae.generate", "sample", "--model", str(exported), "--num-samples", "4",
+         "--output", str(tmp_path / "out")],
+    ):  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", *cmd], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "checksum" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_weights_file_that_is_not_safetensors(exported):

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
@@ -159,3 +160,23 @@ def test_ray_job_submit_runs_the_search_on_a_running_head(ray_head, tmp_path):
     assert len(table) == 2
     model = load_model(tmp_path / "export")
     assert model.sample(3).shape == (3, 1, 28, 28)
+
+
+def test_head_dashboard_needs_the_token_and_listens_on_loopback_only(ray_head):
+    # Token auth is on: the jobs API refuses a request without the token and takes one with it.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{ray_head}/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    request = urllib.request.Request(
+        f"{ray_head}/api/jobs/", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        assert reply.status == 200
+    port = int(ray_head.rsplit(":", 1)[1])
+    listening = {
+        c.laddr.ip
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
+    assert listening == {"127.0.0.1"}, listening
