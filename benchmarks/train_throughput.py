@@ -1,8 +1,11 @@
 """Training throughput: a plain single-process PyTorch loop vs the project's Ray Train run.
 
 Both train the same ConvVAE on the same uint8 data tensors with the same batch size and thread
-count. The plain loop runs before and after the Ray run, so drift in a shared machine's speed
+count. The plain loop runs before and after the Ray runs, so drift in a shared machine's speed
 hits both sides; steady state is the median images/s over epochs after each side's first.
+It also prints the model's training FLOPs per image (FlopCounterMode), the machine's fp32 matmul
+rate (2048x2048, same threads) and the fraction of it each path reaches, and the images/s of a
+2-worker DDP run (one thread each) against the 1-worker run.
 
     python benchmarks/train_throughput.py                 # full Fashion-MNIST, 3 epochs each
     python benchmarks/train_throughput.py --smoke         # a few hundred images, seconds of work
@@ -17,10 +20,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from raytrain_vae.config import load_config
+from raytrain_vae.config import apply_overrides, load_config, validate_config
 from raytrain_vae.data import load_splits
 from raytrain_vae.model import ConvVAE
+from raytrain_vae.objectives import training_loss
 
 
 def plain_loop(cfg, train: torch.Tensor, epochs: int) -> list[float]:
@@ -47,12 +52,15 @@ def plain_loop(cfg, train: torch.Tensor, epochs: int) -> list[float]:
     return rates
 
 
-def ray_train(cfg, epochs: int, storage: str) -> list[float]:
-    """images/s per epoch reported by the project's Ray Train run (1 worker, all threads)."""
+def ray_train(cfg, overrides: list[str]) -> list[float]:
+    """images/s per epoch reported by the project's Ray Train run."""
     import ray
 
     from raytrain_vae.train import fit, history_of
 
+    raw = apply_overrides(cfg.model_dump(mode="json"), overrides)
+    cfg = validate_config(raw, "benchmark config")
+    cfg.run.name = f"throughput-{time.time_ns()}"
     ray.init(num_cpus=os.cpu_count())
     try:
         result = fit(cfg)
@@ -61,10 +69,38 @@ def ray_train(cfg, epochs: int, storage: str) -> list[float]:
     return [h["images_per_s"] for h in history_of(result)]
 
 
-def report(label: str, warm: list[float]) -> float:
+def training_flops_per_image(cfg, image_shape: tuple[int, ...]) -> float:
+    """Forward + backward FLOPs of one training step of the project's loss, per image."""
+    model = ConvVAE(cfg.model, image_shape)
+    x = torch.bernoulli(torch.full((cfg.train.batch_size, *image_shape), 0.5))
+    with FlopCounterMode(display=False) as counter:
+        loss, _, _ = training_loss(model, x, 1.0, cfg.train.free_bits, cfg.train.iwae_k)
+        loss.backward()
+    return counter.get_total_flops() / len(x)
+
+
+def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
+    """Best-of fp32 FLOP/s of an n x n matmul on this process's threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def report(label: str, warm: list[float], flops: float, peak: float) -> float:
     """Print and return the median of the warm epochs' images/s (first epoch of a run dropped)."""
     rate = statistics.median(warm)
-    print(f"{label:<20}: {rate:8.0f} img/s  (warm epochs: {', '.join(f'{r:.0f}' for r in warm)})")
+    epochs = ", ".join(f"{r:.0f}" for r in warm)
+    print(
+        f"{label:<22}: {rate:8.0f} img/s  {rate * flops / 1e9:6.1f} GFLOP/s  "
+        f"{rate * flops / peak:5.1%} of matmul  (warm epochs: {epochs})"
+    )
     return rate
 
 
@@ -74,34 +110,43 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="a few hundred images, 2 epochs")
     parser.add_argument("--storage", default="/tmp/raytrain_vae_bench")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value for the project's config")
     args = parser.parse_args()
 
     threads = torch.get_num_threads()
     epochs = 2 if args.smoke else args.epochs
     overrides = [
         f"train.epochs={epochs}",
-        "scaling.num_workers=1",
-        f"scaling.cpus_per_worker={threads}",
         f"run.storage_path={args.storage}",
-        f"run.name=throughput-{int(time.time())}",
         "data.binarize=dynamic",
+        *(["data.limit=600"] if args.smoke else []),
+        *args.overrides,
     ]
-    if args.smoke:
-        overrides.append("data.limit=600")
     cfg = load_config(args.config, overrides)
     splits = load_splits(cfg.data)
+    image_shape = tuple(splits.train.shape[1:])
+    flops = training_flops_per_image(cfg, image_shape)
+    peak = matmul_rate()
     print(
         f"model channels={cfg.model.channels} latent={cfg.model.latent_dim} "
-        f"batch={cfg.train.batch_size}  train images={len(splits.train)}  threads={threads}"
+        f"residual_blocks={cfg.model.residual_blocks} batch={cfg.train.batch_size}  "
+        f"train images={len(splits.train)}  threads={threads}"
     )
+    print(f"training FLOPs per image (forward + backward): {flops / 1e6:.1f} MFLOP")
+    print(f"fp32 matmul rate (2048x2048, {threads} threads): {peak / 1e9:.1f} GFLOP/s")
 
     plain_epochs = max(2, epochs // 2 + 1)
     plain = plain_loop(cfg, splits.train, plain_epochs)[1:]
-    ray_rates = ray_train(cfg, epochs, args.storage)[1:]
+    one = ray_train(cfg, ["scaling.num_workers=1", f"scaling.cpus_per_worker={threads}"])[1:]
+    two = ray_train(
+        cfg, ["scaling.num_workers=2", f"scaling.cpus_per_worker={max(1, threads // 2)}"]
+    )[1:]
     plain += plain_loop(cfg, splits.train, plain_epochs)[1:]
-    plain_rate = report("plain PyTorch loop", plain)
-    ray_rate = report("Ray Train, 1 worker", ray_rates)
-    print(f"ratio Ray Train / plain: {ray_rate / plain_rate:.3f}")
+    plain_rate = report("plain PyTorch loop", plain, flops, peak)
+    one_rate = report("Ray Train, 1 worker", one, flops, peak)
+    two_rate = report("Ray Train, 2 workers", two, flops, peak)
+    print(f"ratio Ray Train 1 worker / plain: {one_rate / plain_rate:.3f}")
+    print(f"ratio Ray Train 2 workers / 1 worker: {two_rate / one_rate:.3f}")
 
 
 if __name__ == "__main__":

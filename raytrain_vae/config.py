@@ -62,7 +62,7 @@ class ModelConfig(_Section):
         description="p(x|z): bernoulli (BCE with logits) or gaussian (learned global sigma).",
     )
     activation: Literal["relu", "elu", "silu"] = Field(
-        "relu", description="Nonlinearity after every conv and dense layer: relu, elu or silu."
+        "elu", description="Nonlinearity after every conv and dense layer: relu, elu or silu."
     )
     residual_blocks: int = Field(
         0,
@@ -92,14 +92,14 @@ class TrainConfig(_Section):
     batch_size: int = Field(
         128, gt=0, description="Global batch size, split evenly across the Ray Train workers."
     )
-    lr: float = Field(1e-3, gt=0, description="Learning rate (AdamW).")
+    lr: float = Field(2e-3, gt=0, description="Learning rate (AdamW); the peak under cosine.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 = plain Adam).")
     beta: float = Field(1.0, ge=0, description="KL weight in the training loss (beta-VAE).")
     kl_warmup_epochs: float = Field(
         0.0, ge=0, description="Epochs over which the KL weight ramps linearly from 0 to beta."
     )
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant",
+        "cosine",
         description="constant: lr throughout; cosine: lr decays per step to 0 at the last epoch.",
     )
     free_bits: float = Field(

@@ -59,7 +59,7 @@ def test_example_config_loads():
     assert cfg.data.val_fraction == pytest.approx(1 / 12, abs=1e-6)
     assert cfg.model.channels == [32, 64]
     assert cfg.model.likelihood == "bernoulli"
-    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.train.lr == pytest.approx(2e-3)
     assert cfg.train.grad_clip is None
     assert cfg.scaling.num_workers == 2
     assert cfg.train.batch_size % cfg.scaling.num_workers == 0
@@ -88,7 +88,7 @@ def test_example_config_values_are_the_defaults_except_workers():
 def test_no_path_gives_defaults():
     cfg = load_config(None)
     assert cfg == Config()
-    assert cfg.train.lr == 1e-3
+    assert cfg.train.lr == 2e-3
     assert cfg.train.batch_size == 128
     assert cfg.model.latent_dim == 16
     assert cfg.scaling.num_workers == 1
@@ -147,7 +147,7 @@ def test_override_to_null():
 
 def test_overrides_do_not_mutate_anything_between_loads():
     load_config(EXAMPLE, ["train.lr=3e-4"])
-    assert load_config(EXAMPLE).train.lr == pytest.approx(1e-3)
+    assert load_config(EXAMPLE).train.lr == pytest.approx(2e-3)
 
 
 @pytest.mark.parametrize("override, key", [("model.foo=1", "model.foo"), ("foo.bar=1", "foo.bar")])

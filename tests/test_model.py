@@ -244,7 +244,9 @@ def test_beta_changes_the_training_loss_but_not_the_validation_metric(val_setup)
     kl_mean = kl.mean().item()
     assert kl_mean > 0
     assert losses[4.0] != pytest.approx(losses[1.0])
-    assert losses[4.0] - losses[1.0] == pytest.approx(3 * kl_mean, rel=1e-5)
+    assert losses[4.0] - losses[1.0] == pytest.approx(
+        3 * kl_mean, abs=1e-4
+    )  # float32 sums of ~500 nats
     assert val_metrics[4.0] == val_metrics[1.0]
     # the validation metric is the negative ELBO, i.e. the beta = 1 loss on the same noise
     assert val_metrics[1.0] == pytest.approx(losses[1.0], rel=1e-6)
