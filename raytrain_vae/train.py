@@ -382,6 +382,25 @@ def init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
+def check_fits_local_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
+    """On a Ray this process started itself (no autoscaler to add nodes), a request larger than
+    the machine would wait forever for resources: refuse it instead."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    s = cfg.scaling
+    have = ray.cluster_resources()
+    cpus = s.num_workers * s.cpus_per_worker + extra_cpus
+    gpus = s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0
+    for kind, need, key in (("CPU", cpus, "cpus_per_worker"), ("GPU", gpus, "gpus_per_worker")):
+        if need > have.get(kind, 0.0) + 1e-9:
+            extra = f" + {extra_cpus:g} for the trial" if extra_cpus and kind == "CPU" else ""
+            raise ConfigError(
+                f"scaling: {s.num_workers} worker(s) x {getattr(s, key):g} {kind}s{extra} = "
+                f"{need:g} {kind}s, but this machine's Ray has {have.get(kind, 0.0):g}; lower "
+                f"scaling.num_workers or scaling.{key}"
+            )
+
+
 def preflight(cfg: Config) -> None:
     """Fail fast, before Ray starts, on what the driver can check: the model fits the images and,
     when Ray runs embedded on this machine, the data is here (downloaded once, not per worker)."""
@@ -408,6 +427,7 @@ def fit(cfg: Config) -> Result:
     """Run (or resume, if run.name has checkpoints) one distributed training run."""
     preflight(cfg)
     init_ray()
+    check_fits_local_ray(cfg)
     try:
         return build_trainer(cfg).fit()
     except ray.train.TrainingFailedError as exc:

@@ -21,7 +21,13 @@ from raytrain_vae.cli import config_parser, run_cli
 from raytrain_vae.config import Config, ConfigError, load_config, validate_config
 from raytrain_vae.export import export_model
 from raytrain_vae.search_space import Param, parse_space, trial_config
-from raytrain_vae.train import build_trainer, init_ray, preflight, user_error_from
+from raytrain_vae.train import (
+    build_trainer,
+    check_fits_local_ray,
+    init_ray,
+    preflight,
+    user_error_from,
+)
 
 TRIAL_DRIVER_CPUS = 0.1  # the Tune function only waits on its TorchTrainer
 SUMMARY_FILE = "summary"
@@ -245,6 +251,7 @@ def search(cfg: Config, resume: bool = False) -> tuple[pd.DataFrame, Path]:
         raise ConfigError(f"--resume: no experiment to resume at {path}")
     preflight(cfg)
     init_ray()
+    check_fits_local_ray(cfg, TRIAL_DRIVER_CPUS)
     if resume:
         tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, params), resume_errored=True)
     else:

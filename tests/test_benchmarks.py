@@ -1,0 +1,116 @@
+"""The benchmarks: the reference MLP VAE's loss is the textbook negative ELBO, and both benchmark
+scripts run in smoke mode and print every figure they print in full mode."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = load_benchmark("quality")
+
+
+def test_reference_mlp_loss_is_bce_summed_plus_closed_form_kl():
+    torch.manual_seed(0)
+    model = quality.MLPVAE(pixels=6, hidden=5, latent=2)
+    x = torch.bernoulli(torch.full((3, 1, 2, 3), 0.5))
+
+    torch.manual_seed(1)
+    loss = quality.mlp_negative_elbo(model, x)
+
+    # By hand: the same draws, then -sum log Bernoulli and 1/2 sum(mu^2 + s^2 - 1 - log s^2).
+    torch.manual_seed(1)
+    flat = x.flatten(1)
+    h = torch.relu(flat @ model.fc1.weight.T + model.fc1.bias)
+    mu = h @ model.fc21.weight.T + model.fc21.bias
+    logvar = h @ model.fc22.weight.T + model.fc22.bias
+    z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    p = torch.sigmoid(torch.relu(z @ model.fc3.weight.T + model.fc3.bias) @ model.fc4.weight.T
+                      + model.fc4.bias)  # fmt: skip
+    expected = []
+    for i in range(3):
+        bce = -sum(
+            math.log(p[i, j]) if flat[i, j] == 1 else math.log(1 - p[i, j]) for j in range(6)
+        )
+        kl = 0.5 * sum(mu[i, d] ** 2 + math.exp(logvar[i, d]) - 1 - logvar[i, d] for d in range(2))
+        expected.append(float(bce + kl))
+    assert loss.tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_reference_iwae_with_one_sample_is_about_the_elbo():
+    torch.manual_seed(0)
+    model = quality.MLPVAE(pixels=784, hidden=16, latent=3)
+    images = (torch.rand(20, 1, 28, 28) > 0.5).to(torch.uint8) * 255
+    elbo = quality.mlp_test_score(model, images)
+    k1 = quality.mlp_iwae(model, images, 1)
+    k50 = quality.mlp_iwae(model, images, 50)
+    assert k1 == pytest.approx(elbo, rel=0.02)
+    assert k50 < k1
+
+
+def test_binarization_entropy_closed_form():
+    images = torch.tensor([[[[0, 255], [128, 64]]]], dtype=torch.uint8)
+    h = 0.0
+    for v in (128, 64):
+        p = v / 255
+        h -= p * math.log(p) + (1 - p) * math.log(1 - p)
+    assert quality.binarization_entropy(images) == pytest.approx(h)
+
+
+def run_smoke(script: str, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--smoke", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_quality_smoke_prints_every_figure(tmp_path):
+    out = run_smoke("quality.py", "--out", str(tmp_path))
+    for pattern in (
+        r"binarization entropy of the test images .*: \d+\.\d+ nats",
+        r"\n\s+1\s+\d+\.\d+\s+\d+\.\d+\s+[+-]\d+\.\d+",  # epoch 1: reference, ours, gap
+        r"\n\s+2\s+\d+\.\d+\s+\d+\.\d+\s+[+-]\d+\.\d+",
+        r"MLP VAE 784-400-20 \(plain loop\) \| 2 \| \d+\.\d+ \| \d+\.\d+ \| 0\.\d+ \| \d+ s",
+        r"raytrain_vae vae\.yaml \(Ray Train\) \| 2 \| \d+\.\d+ \| \d+\.\d+ \| 0\.\d+ \| \d+ s",
+        r"gap after 2 epochs \(raytrain_vae - reference\): [+-]\d+\.\d+ nats",
+    ):
+        assert re.search(pattern, out), (pattern, out[-3000:])
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert json.loads((tmp_path / "quality.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_train_throughput_smoke_prints_every_figure(tmp_path):
+    out = run_smoke("train_throughput.py", "--storage", str(tmp_path))
+    for pattern in (
+        r"training FLOPs per image \(forward \+ backward\): \d+\.\d MFLOP",
+        r"fp32 matmul rate \(2048x2048, \d+ threads\): \d+\.\d GFLOP/s",
+        r"plain PyTorch loop\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
+        r"Ray Train, 1 worker\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
+        r"Ray Train, 2 workers\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
+        r"ratio Ray Train 1 worker / plain: \d\.\d{3}",
+        r"ratio Ray Train 2 workers / 1 worker: \d\.\d{3}",
+    ):
+        assert re.search(pattern, out), (pattern, out[-3000:])
