@@ -15,6 +15,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from raytrain_vae.config import Config, ConfigError, load_config, validate_config
+from raytrain_vae.model import ConvVAE
 from raytrain_vae.search_space import Param, parse_space, trial_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -420,3 +421,27 @@ def test_tune_cli_bad_space_fails_before_ray(tmp_path):
     for stream in (proc.stdout, proc.stderr):
         assert "Started a local Ray instance" not in stream
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_its_space_parses(path):
+    cfg = load_config(path)
+    ConvVAE(cfg.model, (1, 28, 28))
+    if cfg.search.space:
+        assert parse_space(cfg)
+
+
+def test_fmnist_best_is_a_point_of_fmnist_search_trained_longer():
+    best = load_config(CONFIGS / "fmnist_best.yaml")
+    searched = load_config(CONFIGS / "fmnist_search.yaml")
+    for param in parse_space(searched):
+        value = best
+        for part in param.path.split("."):
+            value = getattr(value, part)
+        if param.kind == "choice":
+            assert value in param.args, param.path
+        else:
+            low, high = param.args[:2]
+            assert low <= value <= high, param.path
+    assert best.model.channels == searched.model.channels
+    assert best.train.epochs > searched.train.epochs and best.data.limit is None
