@@ -40,6 +40,9 @@ def tiny_config(tmp_path: Path, name: str, epochs: int):
             "model.latent_dim=8",
             "train.batch_size=32",
             "train.lr=3e-3",
+            # The resume test extends a 2-epoch run to 3 epochs; a cosine schedule depends on
+            # train.epochs, so only a constant rate makes that equal an uninterrupted run.
+            "train.lr_schedule=constant",
             f"train.epochs={epochs}",
             "scaling.num_workers=2",
             f"run.name={name}",
