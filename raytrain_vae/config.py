@@ -307,9 +307,10 @@ def _validation_message(err: ValidationError) -> str:
     elif first["type"] not in {"missing", "value_error"}:
         # Our own validators already quote the value; pydantic's built-in checks do not.
         msg = f"{msg} (got {first['input']!r})"
-    if not first["loc"]:  # a cross-field check: its message names the keys involved
+    loc = _format_loc(first["loc"])
+    if not first["loc"] or msg.startswith(f"{loc}."):  # the message already names its keys
         return msg
-    return f"{_format_loc(first['loc'])}: {msg}"
+    return f"{loc}: {msg}"
 
 
 def is_config_key(path: list[str]) -> bool:
