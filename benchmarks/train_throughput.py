@@ -1,13 +1,14 @@
 """Training throughput: a plain single-process PyTorch loop vs the project's Ray Train run.
 
 Both train the same ConvVAE on the same uint8 data tensors with the same batch size and thread
-count. The plain loop runs before and after the Ray runs, so drift in a shared machine's speed
-hits both sides; steady state is the median images/s over epochs after each side's first.
+count. The paths take turns over --rounds rounds (plain, Ray 1 worker, Ray 2 workers, ..., plain),
+so drift in a shared machine's speed hits every side; steady state is the median images/s over
+each run's epochs after its first.
 It also prints the model's training FLOPs per image (FlopCounterMode), the machine's fp32 matmul
 rate (2048x2048, same threads) and the fraction of it each path reaches, and the images/s of a
 2-worker DDP run (one thread each) against the 1-worker run.
 
-    python benchmarks/train_throughput.py                 # full Fashion-MNIST, 3 epochs each
+    python benchmarks/train_throughput.py                 # full Fashion-MNIST, 3 epochs, 2 rounds
     python benchmarks/train_throughput.py --smoke         # a few hundred images, seconds of work
 """
 
@@ -108,6 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/vae.yaml")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="turns each path takes")
     parser.add_argument("--smoke", action="store_true", help="a few hundred images, 2 epochs")
     parser.add_argument("--storage", default="/tmp/raytrain_vae_bench")
     parser.add_argument("overrides", nargs="*", help="key.sub=value for the project's config")
@@ -115,6 +117,7 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     epochs = 2 if args.smoke else args.epochs
+    rounds = 1 if args.smoke else args.rounds
     overrides = [
         f"train.epochs={epochs}",
         f"run.storage_path={args.storage}",
@@ -133,18 +136,37 @@ def main() -> None:
         f"train images={len(splits.train)}  threads={threads}"
     )
     print(f"training FLOPs per image (forward + backward): {flops / 1e6:.1f} MFLOP")
-    print(f"fp32 matmul rate (2048x2048, {threads} threads): {peak / 1e9:.1f} GFLOP/s")
+    print(f"fp32 matmul rate (2048x2048, {threads} threads), before: {peak / 1e9:.1f} GFLOP/s")
 
+    # A shared machine's speed drifts by 10-20% over minutes, so the paths take turns: each
+    # round runs the plain loop, then Ray with 1 worker, then with 2, and a last plain run closes
+    # the final round. Each ratio is taken within a round, against the plain runs around it.
+    one_w = ["scaling.num_workers=1", f"scaling.cpus_per_worker={threads}"]
+    two_w = ["scaling.num_workers=2", f"scaling.cpus_per_worker={max(1, threads // 2)}"]
     plain_epochs = max(2, epochs // 2 + 1)
-    plain = plain_loop(cfg, splits.train, plain_epochs)[1:]
-    one = ray_train(cfg, ["scaling.num_workers=1", f"scaling.cpus_per_worker={threads}"])[1:]
-    two = ray_train(
-        cfg, ["scaling.num_workers=2", f"scaling.cpus_per_worker={max(1, threads // 2)}"]
-    )[1:]
-    plain += plain_loop(cfg, splits.train, plain_epochs)[1:]
-    plain_rate = report("plain PyTorch loop", plain, flops, peak)
-    one_rate = report("Ray Train, 1 worker", one, flops, peak)
-    two_rate = report("Ray Train, 2 workers", two, flops, peak)
+    plain_runs = [plain_loop(cfg, splits.train, plain_epochs)[1:]]
+    one_runs, two_runs = [], []
+    for _ in range(rounds):
+        one_runs.append(ray_train(cfg, one_w)[1:])
+        two_runs.append(ray_train(cfg, two_w)[1:])
+        plain_runs.append(plain_loop(cfg, splits.train, plain_epochs)[1:])
+    peak = (peak + matmul_rate()) / 2
+    print(f"fp32 matmul rate, mean of before and after: {peak / 1e9:.1f} GFLOP/s")
+
+    plain_rate = report("plain PyTorch loop", sum(plain_runs, []), flops, peak)
+    one_rate = report("Ray Train, 1 worker", sum(one_runs, []), flops, peak)
+    two_rate = report("Ray Train, 2 workers", sum(two_runs, []), flops, peak)
+    per_round = [
+        (
+            statistics.median(one) / statistics.median(before + after),
+            statistics.median(two) / statistics.median(one),
+        )
+        for one, two, before, after in zip(
+            one_runs, two_runs, plain_runs[:-1], plain_runs[1:], strict=True
+        )
+    ]
+    for i, (r1, r2) in enumerate(per_round, 1):
+        print(f"round {i}: Ray 1 worker / plain {r1:.3f}   Ray 2 workers / 1 worker {r2:.3f}")
     print(f"ratio Ray Train 1 worker / plain: {one_rate / plain_rate:.3f}")
     print(f"ratio Ray Train 2 workers / 1 worker: {two_rate / one_rate:.3f}")
 

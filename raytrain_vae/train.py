@@ -207,8 +207,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = ConvVAE(cfg.model, splits.image_shape).to(device, memory_format=memory_format)
+    # The fused kernel updates every parameter in one pass: measurably faster than the
+    # per-tensor loop on CPU (benchmarks/train_throughput.py); same state dict either way.
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        model.parameters(),
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        fused=device.type in ("cpu", "cuda"),
     )
 
     state = {"epoch": 0, "step": 0, "history": []}

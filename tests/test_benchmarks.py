@@ -106,10 +106,12 @@ def test_train_throughput_smoke_prints_every_figure(tmp_path):
     out = run_smoke("train_throughput.py", "--storage", str(tmp_path))
     for pattern in (
         r"training FLOPs per image \(forward \+ backward\): \d+\.\d MFLOP",
-        r"fp32 matmul rate \(2048x2048, \d+ threads\): \d+\.\d GFLOP/s",
+        r"fp32 matmul rate \(2048x2048, \d+ threads\), before: \d+\.\d GFLOP/s",
+        r"fp32 matmul rate, mean of before and after: \d+\.\d GFLOP/s",
         r"plain PyTorch loop\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
         r"Ray Train, 1 worker\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
         r"Ray Train, 2 workers\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
+        r"round 1: Ray 1 worker / plain \d\.\d{3}   Ray 2 workers / 1 worker \d\.\d{3}",
         r"ratio Ray Train 1 worker / plain: \d\.\d{3}",
         r"ratio Ray Train 2 workers / 1 worker: \d\.\d{3}",
     ):
