@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key.sub=value for the project's config")
     args = parser.parse_args()
 
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     threads = torch.get_num_threads()
     epochs = 2 if args.smoke else args.epochs
     rounds = 1 if args.smoke else args.rounds

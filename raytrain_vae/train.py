@@ -117,6 +117,19 @@ def _load_checkpoint(
     return json.loads((folder / STATE_FILE).read_text())
 
 
+def make_optimizer(model: ConvVAE, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the model, with the fused kernel where torch has one for the device."""
+    # One kernel for every parameter instead of a loop over tensors: 1.02x a step alone and
+    # 1.11x with channels_last on CPU in an in-process A/B (README, Performance). The state dict
+    # is the same either way, so checkpoints of an unfused run resume.
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        fused=device.type in ("cpu", "cuda"),
+    )
+
+
 def set_learning_rate(
     optimizer: torch.optim.Optimizer, cfg: Config, step: int, steps_per_epoch: int
 ) -> None:
@@ -207,14 +220,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = ConvVAE(cfg.model, splits.image_shape).to(device, memory_format=memory_format)
-    # The fused kernel updates every parameter in one pass: measurably faster than the
-    # per-tensor loop on CPU (benchmarks/train_throughput.py); same state dict either way.
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        fused=device.type in ("cpu", "cuda"),
-    )
+    optimizer = make_optimizer(model, cfg, device)
 
     state = {"epoch": 0, "step": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
