@@ -9,7 +9,38 @@ from torch import nn
 
 from raytrain_vae.config import ConfigError, ModelConfig
 
-ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU}
+
+class _ELUFromExp(torch.autograd.Function):
+    """ELU (alpha 1) as max(x, exp(min(x, 0)) - 1), with the gradient taken from the output."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        # exp(x) - 1 >= x for every x, so the max picks x above 0 and exp(x) - 1 below.
+        y = x.clamp(max=0).exp_().sub_(1)
+        y = torch.maximum(y, x, out=y)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        # d/dx = 1 above 0 and exp(x) = y + 1 below: no exp, and the input need not be kept.
+        return torch.ops.aten.elu_backward(grad, 1.0, 1, 1.0, True, y)
+
+
+class ELU(nn.ELU):
+    """nn.ELU, faster on CPU: torch's CPU kernel calls a scalar expm1 per element and keeps the
+    input for backward; exp is vectorised and the output gives the gradient. 1.4x an ELU's
+    forward + backward and 1.04x a default training step (README, Performance)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self.alpha != 1.0 or self.inplace:
+            return super().forward(x)  # CUDA's ELU is one fused kernel already
+        return _ELUFromExp.apply(x)
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "elu": ELU, "silu": nn.SiLU}
 
 
 class ResidualBlock(nn.Module):

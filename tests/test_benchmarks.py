@@ -55,6 +55,26 @@ def test_reference_mlp_loss_is_bce_summed_plus_closed_form_kl():
     assert loss.tolist() == pytest.approx(expected, rel=1e-5)
 
 
+def test_throughput_reference_is_the_same_model_with_stock_elu():
+    from torch import nn
+
+    from raytrain_vae.config import load_config
+    from raytrain_vae.model import ELU, ConvVAE
+
+    throughput = load_benchmark("train_throughput")
+    cfg = load_config(REPO / "configs" / "vae.yaml", ["model.residual_blocks=1"])
+    torch.manual_seed(0)
+    ours = ConvVAE(cfg.model, (1, 28, 28))
+    torch.manual_seed(0)
+    textbook = throughput.textbook_model(cfg, (1, 28, 28))
+    acts = [m for m in textbook.modules() if isinstance(m, nn.ELU)]
+    assert acts and all(type(m) is nn.ELU for m in acts)
+    assert sum(isinstance(m, ELU) for m in ours.modules()) == len(acts)
+    torch.testing.assert_close(textbook.state_dict(), ours.state_dict(), rtol=0, atol=0)
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(textbook.encode(x), ours.encode(x), rtol=1e-5, atol=1e-6)
+
+
 def test_reference_iwae_with_one_sample_is_about_the_elbo():
     torch.manual_seed(0)
     model = quality.MLPVAE(pixels=784, hidden=16, latent=3)

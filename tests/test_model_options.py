@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from raytrain_vae.config import Config, ConfigError, ModelConfig, load_config
-from raytrain_vae.model import ConvVAE, ResidualBlock
+from raytrain_vae.model import ELU, ConvVAE, ResidualBlock
 from raytrain_vae.objectives import (
     elbo_terms,
     free_bits_kl,
@@ -37,11 +37,38 @@ def binary_batch(n=5, seed=1) -> torch.Tensor:
 # --- architecture ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, cls", [("relu", nn.ReLU), ("elu", nn.ELU), ("silu", nn.SiLU)])
+@pytest.mark.parametrize("name, cls", [("relu", nn.ReLU), ("elu", ELU), ("silu", nn.SiLU)])
 def test_activation_is_used_everywhere(name, cls):
     model = make_model(activation=name, residual_blocks=1)
     acts = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.ELU, nn.SiLU))]
     assert acts and all(type(m) is cls for m in acts)
+
+
+def test_fast_elu_equals_torch_elu_in_value_and_gradient():
+    torch.manual_seed(0)
+    # Both signs, values near 0 (where exp(x) - 1 and expm1 differ most), and channels_last.
+    x = torch.cat([torch.randn(2, 4, 6, 6) * 3, torch.randn(2, 4, 6, 6) * 1e-4])
+    x = x.contiguous(memory_format=torch.channels_last)
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = ELU()(ours), nn.functional.elu(ref)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=2e-7)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(
+        ELU(), (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),)
+    )
+
+
+def test_fast_elu_leaves_a_residual_input_intact():
+    # A residual block applies ELU to x and adds x back: the activation must not write into x.
+    x = torch.randn(2, 4, 5, 5)
+    kept = x.clone()
+    block = ResidualBlock(4, ELU)
+    block(x).sum().backward()
+    assert torch.equal(x, kept)
 
 
 def test_residual_blocks_add_depth_and_start_as_identity_when_zeroed():
