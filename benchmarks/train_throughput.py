@@ -5,8 +5,9 @@ count. The paths take turns over --rounds rounds (plain, Ray 1 worker, Ray 2 wor
 so drift in a shared machine's speed hits every side; steady state is the median images/s over
 each run's epochs after its first.
 It also prints the model's training FLOPs per image (FlopCounterMode), the machine's fp32 matmul
-rate (2048x2048, same threads) and the fraction of it each path reaches, and the images/s of a
-2-worker DDP run (one thread each) against the 1-worker run.
+rate (2048x2048, same threads) and the fraction of it each path reaches, the gradient bytes DDP
+all-reduces per step, and the images/s of a 2-worker DDP run (one thread each) against the
+1-worker run.
 
     python benchmarks/train_throughput.py                 # full Fashion-MNIST, 3 epochs, 2 rounds
     python benchmarks/train_throughput.py --smoke         # a few hundred images, seconds of work
@@ -151,6 +152,11 @@ def main() -> None:
         f"train images={len(splits.train)}  threads={threads}"
     )
     print(f"training FLOPs per image (forward + backward): {flops / 1e6:.1f} MFLOP")
+    params = sum(p.numel() for p in ConvVAE(cfg.model, image_shape).parameters())
+    print(
+        f"DDP all-reduce per step: {params * 4 / 1e6:.1f} MB of fp32 gradients "
+        f"({params / 1e6:.2f}M parameters) per {cfg.train.batch_size} images"
+    )
     print(f"fp32 matmul rate (2048x2048, {threads} threads), before: {peak / 1e9:.1f} GFLOP/s")
 
     # A shared machine's speed drifts by 10-20% over minutes, so the paths take turns: each

@@ -126,6 +126,8 @@ def test_train_throughput_smoke_prints_every_figure(tmp_path):
     out = run_smoke("train_throughput.py", "--storage", str(tmp_path))
     for pattern in (
         r"training FLOPs per image \(forward \+ backward\): \d+\.\d MFLOP",
+        r"DDP all-reduce per step: \d+\.\d MB of fp32 gradients "
+        r"\(\d\.\d\dM parameters\) per \d+ images",
         r"fp32 matmul rate \(2048x2048, \d+ threads\), before: \d+\.\d GFLOP/s",
         r"fp32 matmul rate, mean of before and after: \d+\.\d GFLOP/s",
         r"plain PyTorch loop\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
