@@ -44,7 +44,7 @@ def textbook_model(cfg, image_shape: tuple[int, ...]) -> ConvVAE:
 
 def plain_loop(cfg, train: torch.Tensor, epochs: int) -> list[float]:
     """images/s per epoch of a textbook loop: shuffle, binarize, forward, ELBO, backward, step
-    (NCHW, for-each AdamW, stock modules)."""
+    (NCHW, AdamW's default per-parameter loop on CPU, stock modules)."""
     torch.manual_seed(cfg.train.seed)
     model = textbook_model(cfg, tuple(train.shape[1:]))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)

@@ -11,7 +11,10 @@ from raytrain_vae.config import ConfigError, ModelConfig
 
 
 class _ELUFromExp(torch.autograd.Function):
-    """ELU (alpha 1) as max(x, exp(min(x, 0)) - 1), with the gradient taken from the output."""
+    """ELU (alpha 1) as max(x, exp(min(x, 0)) - 1), with the gradient taken from the output.
+
+    The output is saved for backward, so it must not be modified in place (the model never
+    does). Reverse mode only: no forward-mode autodiff or torch.func transforms."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -22,7 +25,6 @@ class _ELUFromExp(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (y,) = ctx.saved_tensors
         # d/dx = 1 above 0 and exp(x) = y + 1 below: no exp, and the input need not be kept.
@@ -30,13 +32,17 @@ class _ELUFromExp(torch.autograd.Function):
 
 
 class ELU(nn.ELU):
-    """nn.ELU, faster on CPU: torch's CPU kernel calls a scalar expm1 per element and keeps the
-    input for backward; exp is vectorised and the output gives the gradient. 1.4x an ELU's
-    forward + backward and 1.04x a default training step (README, Performance)."""
+    """nn.ELU, faster on CPU in fp32/fp64: torch's CPU kernel calls a scalar expm1 per element
+    and keeps the input for backward; exp is vectorised and the output gives the gradient.
+    Through autograd, 1.4x an ELU's forward + backward and 1.04x a default training step
+    (README, Performance)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or self.alpha != 1.0 or self.inplace:
-            return super().forward(x)  # CUDA's ELU is one fused kernel already
+        # CUDA's ELU is one fused kernel already; in bf16 torch's kernel computes in fp32, while
+        # exp() - 1 here would round twice.
+        fast = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        if not fast or self.alpha != 1.0 or self.inplace:
+            return super().forward(x)
         return _ELUFromExp.apply(x)
 
 

@@ -51,15 +51,30 @@ def test_fast_elu_equals_torch_elu_in_value_and_gradient():
     x = x.contiguous(memory_format=torch.channels_last)
     ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
     y, y_ref = ELU()(ours), nn.functional.elu(ref)
+    assert type(y.grad_fn).__name__ == "_ELUFromExpBackward"  # the fast path, not nn.ELU's
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=2e-7)
     grad = torch.randn_like(y)
     y.backward(grad)
     y_ref.backward(grad)
     torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6, atol=1e-7)
-    assert torch.autograd.gradcheck(
-        ELU(), (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),)
-    )
+    x64 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ELU(), (x64,))
+    assert torch.autograd.gradgradcheck(ELU(), (x64,))
+
+
+@pytest.mark.parametrize(
+    "act, x",
+    [
+        (ELU(), torch.randn(100, 100).bfloat16()),  # torch's kernel rounds once, exp() - 1 twice
+        (ELU(alpha=0.5), torch.randn(4, 6)),
+        (ELU(inplace=True), torch.randn(4, 6)),
+    ],
+)
+def test_fast_elu_leaves_other_cases_to_torch(act, x):
+    expected = nn.functional.elu(x, alpha=act.alpha)
+    y = act(x.clone())
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
 def test_fast_elu_leaves_a_residual_input_intact():
