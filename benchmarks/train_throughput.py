@@ -1,13 +1,13 @@
 """Training throughput: a plain single-process PyTorch loop vs the project's Ray Train run.
 
 Both train the same ConvVAE on the same uint8 data tensors with the same batch size and thread
-count. The paths take turns over --rounds rounds (plain, Ray 1 worker, Ray 2 workers, ..., plain),
-so drift in a shared machine's speed hits every side; steady state is the median images/s over
-each run's epochs after its first.
+count. The paths take turns over --rounds rounds (plain, Ray 1 worker, Ray 2 workers twice,
+..., plain), so drift in a shared machine's speed hits every side; steady state is the median
+images/s over each run's epochs after its first.
 It also prints the model's training FLOPs per image (FlopCounterMode), the machine's fp32 matmul
 rate (2048x2048, same threads) and the fraction of it each path reaches, the gradient bytes DDP
 all-reduces per step, and the images/s of a 2-worker DDP run (one thread each) against the
-1-worker run.
+1-worker run, with gradients averaged through shared memory (the default) and through Gloo.
 
     python benchmarks/train_throughput.py                 # full Fashion-MNIST, 3 epochs, 2 rounds
     python benchmarks/train_throughput.py --smoke         # a few hundred images, seconds of work
@@ -160,16 +160,19 @@ def main() -> None:
     print(f"fp32 matmul rate (2048x2048, {threads} threads), before: {peak / 1e9:.1f} GFLOP/s")
 
     # A shared machine's speed drifts by 10-20% over minutes, so the paths take turns: each
-    # round runs the plain loop, then Ray with 1 worker, then with 2, and a last plain run closes
-    # the final round. Each ratio is taken within a round, against the plain runs around it.
+    # round runs the plain loop, then Ray with 1 worker, then with 2 (gradients through shared
+    # memory, then through Gloo), and a last plain run closes the final round. Each ratio is taken
+    # within a round, against the plain runs around it.
     one_w = ["scaling.num_workers=1", f"scaling.cpus_per_worker={threads}"]
     two_w = ["scaling.num_workers=2", f"scaling.cpus_per_worker={max(1, threads // 2)}"]
+    gloo = [*two_w, "scaling.shared_memory_allreduce=false"]
     plain_epochs = max(2, epochs // 2 + 1)
     plain_runs = [plain_loop(cfg, splits.train, plain_epochs)[1:]]
-    one_runs, two_runs = [], []
+    one_runs, two_runs, gloo_runs = [], [], []
     for _ in range(rounds):
         one_runs.append(ray_train(cfg, one_w)[1:])
         two_runs.append(ray_train(cfg, two_w)[1:])
+        gloo_runs.append(ray_train(cfg, gloo)[1:])
         plain_runs.append(plain_loop(cfg, splits.train, plain_epochs)[1:])
     peak = (peak + matmul_rate()) / 2
     print(f"fp32 matmul rate, mean of before and after: {peak / 1e9:.1f} GFLOP/s")
@@ -177,19 +180,25 @@ def main() -> None:
     plain_rate = report("plain PyTorch loop", sum(plain_runs, []), flops, peak)
     one_rate = report("Ray Train, 1 worker", sum(one_runs, []), flops, peak)
     two_rate = report("Ray Train, 2 workers", sum(two_runs, []), flops, peak)
+    gloo_rate = report("Ray 2 workers, Gloo", sum(gloo_runs, []), flops, peak)
     per_round = [
         (
             statistics.median(one) / statistics.median(before + after),
             statistics.median(two) / statistics.median(one),
+            statistics.median(two_gloo) / statistics.median(one),
         )
-        for one, two, before, after in zip(
-            one_runs, two_runs, plain_runs[:-1], plain_runs[1:], strict=True
+        for one, two, two_gloo, before, after in zip(
+            one_runs, two_runs, gloo_runs, plain_runs[:-1], plain_runs[1:], strict=True
         )
     ]
-    for i, (r1, r2) in enumerate(per_round, 1):
-        print(f"round {i}: Ray 1 worker / plain {r1:.3f}   Ray 2 workers / 1 worker {r2:.3f}")
+    for i, (r1, r2, r3) in enumerate(per_round, 1):
+        print(
+            f"round {i}: Ray 1 worker / plain {r1:.3f}   Ray 2 workers / 1 worker {r2:.3f}"
+            f"   (Gloo {r3:.3f})"
+        )
     print(f"ratio Ray Train 1 worker / plain: {one_rate / plain_rate:.3f}")
     print(f"ratio Ray Train 2 workers / 1 worker: {two_rate / one_rate:.3f}")
+    print(f"ratio Ray Train 2 workers with Gloo / 1 worker: {gloo_rate / one_rate:.3f}")
 
 
 if __name__ == "__main__":

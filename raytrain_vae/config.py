@@ -144,6 +144,11 @@ class ScalingSection(_Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How workers are placed on nodes."
     )
+    shared_memory_allreduce: bool = Field(
+        True,
+        description="CPU workers that all share one host average gradients through /dev/shm "
+        "instead of Gloo's loopback TCP (x86-64; otherwise, and across hosts, Gloo).",
+    )
 
 
 class RunSection(_Section):

@@ -47,6 +47,7 @@ from raytrain_vae.data import (
 from raytrain_vae.export import ExportError, load_weights, save_weights
 from raytrain_vae.model import ConvVAE
 from raytrain_vae.objectives import bits_per_dim, elbo_terms, kl_weight, training_loss
+from raytrain_vae.shm_allreduce import shared_memory_all_reduce
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -230,6 +231,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             _log(f"resumed from {checkpoint.path} after epoch {state['epoch']}")
     ddp_model = ray.train.torch.prepare_model(model)
+    if world > 1 and device.type == "cpu" and cfg.scaling.shared_memory_allreduce:
+        reducer = shared_memory_all_reduce(
+            sum(p.numel() for p in model.parameters()), ctx.get_local_world_size() == world
+        )
+        if reducer is not None:
+            ddp_model.register_comm_hook(None, reducer.hook)
+        if rank == 0:
+            _log(
+                "gradients: all-reduced through shared memory (/dev/shm)"
+                if reducer is not None
+                else "gradients: shared memory unavailable here, all-reduced through Gloo"
+            )
 
     per_worker_batch = cfg.train.batch_size // world
     n_shard = len(train_images) // world

@@ -133,8 +133,11 @@ def test_train_throughput_smoke_prints_every_figure(tmp_path):
         r"plain PyTorch loop\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
         r"Ray Train, 1 worker\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
         r"Ray Train, 2 workers\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
-        r"round 1: Ray 1 worker / plain \d\.\d{3}   Ray 2 workers / 1 worker \d\.\d{3}",
+        r"Ray 2 workers, Gloo\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
+        r"round 1: Ray 1 worker / plain \d\.\d{3}   Ray 2 workers / 1 worker \d\.\d{3}"
+        r"   \(Gloo \d\.\d{3}\)",
         r"ratio Ray Train 1 worker / plain: \d\.\d{3}",
         r"ratio Ray Train 2 workers / 1 worker: \d\.\d{3}",
+        r"ratio Ray Train 2 workers with Gloo / 1 worker: \d\.\d{3}",
     ):
         assert re.search(pattern, out), (pattern, out[-3000:])

@@ -22,7 +22,7 @@ def ray_local():
     ray.shutdown()
 
 
-def tiny_config(tmp_path: Path, name: str, epochs: int):
+def tiny_config(tmp_path: Path, name: str, epochs: int, *extra: str):
     fmnist = Path(SYSTEM_DIRS["fashion_mnist"][0])
     assert fmnist.is_dir(), (
         f"integration tests need Fashion-MNIST in {fmnist} (apt-get install dataset-fashion-mnist)"
@@ -48,6 +48,7 @@ def tiny_config(tmp_path: Path, name: str, epochs: int):
             f"run.name={name}",
             f"run.storage_path={tmp_path / 'runs'}",
             "run.checkpoints_to_keep=2",
+            *extra,
         ],
     )
 
@@ -60,6 +61,15 @@ def runs(ray_local, tmp_path_factory):
     first_history = history_of(first)
     resumed = fit(tiny_config(tmp, "split", epochs=3))  # same run name: Ray Train resumes it
     return tmp, full, first_history, resumed
+
+
+def test_shared_memory_all_reduce_trains_exactly_like_gloo(runs):
+    tmp, full, _, _ = runs
+    gloo = fit(tiny_config(tmp, "gloo", 3, "scaling.shared_memory_allreduce=false"))
+    # Both sum the two ranks' gradients once (a + b is exact either way round) and halve them.
+    for ours, theirs in zip(history_of(full), history_of(gloo), strict=True):
+        for key in ("train_loss", "val_neg_elbo", "val_kl"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key
 
 
 def test_two_workers_learn_and_keep_checkpoints(runs):
