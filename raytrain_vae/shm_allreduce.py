@@ -69,13 +69,8 @@ class SharedMemoryAllReduce:
 
     # Real (not string) annotations: DDP checks them when the hook is registered.
     def hook(self, _state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        """DDP comm hook: average the bucket now and hand DDP a finished future."""
-        buffer = bucket.buffer()
-        if buffer.dtype == torch.float32:
-            self.all_reduce_mean_(buffer)
-        else:
-            staged = buffer.float()
-            buffer.copy_(self.all_reduce_mean_(staged))
+        """DDP comm hook: average the (float32) bucket now and hand DDP a finished future."""
+        buffer = self.all_reduce_mean_(bucket.buffer())
         done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         done.set_result(buffer)
         return done
