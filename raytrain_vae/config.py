@@ -149,6 +149,11 @@ class ScalingSection(_Section):
         description="CPU workers that all share one host average gradients through /dev/shm "
         "instead of Gloo's loopback TCP (x86-64; otherwise, and across hosts, Gloo).",
     )
+    retain_freed_memory: bool = Field(
+        True,
+        description="CPU workers keep freed tensor memory in the heap (glibc malloc) for the "
+        "next step instead of returning it to the kernel and page-faulting it back in.",
+    )
 
 
 class RunSection(_Section):

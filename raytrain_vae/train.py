@@ -45,6 +45,7 @@ from raytrain_vae.data import (
     to_model_input,
 )
 from raytrain_vae.export import ExportError, load_weights, save_weights
+from raytrain_vae.heap import retain_freed_memory
 from raytrain_vae.model import ConvVAE
 from raytrain_vae.objectives import bits_per_dim, elbo_terms, kl_weight, training_loss
 from raytrain_vae.shm_allreduce import shared_memory_all_reduce
@@ -209,6 +210,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        if cfg.scaling.retain_freed_memory:
+            retain_freed_memory()
 
     splits: Splits = load_splits(cfg.data)
     if len(splits.train) < world:
