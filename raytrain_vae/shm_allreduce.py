@@ -21,6 +21,8 @@ BUDGET_BYTES = 32 << 20  # the whole shared file, whatever the world size: chunk
 FLAG_STRIDE = 8  # int64s between two ranks' flags: one 64-byte cache line each
 HEADER_BYTES = 4096
 TIMEOUT_S = 1800.0  # Gloo's default collective timeout
+SPIN_S = 0.01  # spin (yielding the core) this long for the other ranks, then sleep
+SLEEP_MIN_S, SLEEP_MAX_S = 50e-6, 1e-3
 
 # The flag is written after the data with plain stores: correct under x86-64's total store
 # order, not under the weaker orders of ARM or POWER, which keep Gloo.
@@ -57,15 +59,22 @@ class SharedMemoryAllReduce:
         return flat.div_(self.world)
 
     def _wait_for_all(self, generation: int) -> None:
-        deadline = time.monotonic() + TIMEOUT_S
-        spins = 0
+        # Ranks normally arrive within a few ms of each other: spin for those. A rank that lags
+        # for longer (a slow disk, a busy core) is waited for in sleeps, so the waiting rank does
+        # not burn the core it shares with other work; the sleeps add at most SLEEP_MAX_S.
+        start = time.monotonic()
+        nap = SLEEP_MIN_S
         while self._flags.min() < generation:
-            os.sched_yield()
-            spins += 1
-            if spins % 100_000 == 0 and time.monotonic() > deadline:
+            waited = time.monotonic() - start
+            if waited < SPIN_S:
+                os.sched_yield()
+                continue
+            if waited > TIMEOUT_S:
                 raise RuntimeError(
                     f"shared-memory all-reduce: a rank did not arrive in {TIMEOUT_S:.0f} s"
                 )
+            time.sleep(nap)
+            nap = min(2 * nap, SLEEP_MAX_S)
 
     # Real (not string) annotations: DDP checks them when the hook is registered.
     def hook(self, _state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -111,3 +112,25 @@ def test_any_rank_off_the_host_makes_every_rank_keep_gloo(tmp_path):
     _spawn(_fallback, 2, str(tmp_path))
     assert [torch.load(tmp_path / f"{r}.pt") for r in range(2)] == [True, True]
     assert not [f for f in os.listdir("/dev/shm") if f.startswith("raytrain_vae-")]
+
+
+def _late_rank(rank, world, port, out_dir):
+    _init(rank, world, port)
+    reducer = shared_memory_all_reduce(num_gradients=10, all_local=True)
+    if rank == 1:
+        time.sleep(0.6)  # a straggler: a slow disk, a busy core
+    cpu, wall = time.thread_time(), time.monotonic()
+    result = reducer.all_reduce_mean_(torch.full((10,), float(rank)))
+    cpu, wall = time.thread_time() - cpu, time.monotonic() - wall
+    torch.save({"result": result, "cpu": cpu, "wall": wall}, f"{out_dir}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+@needs_x86
+def test_a_rank_waiting_for_a_straggler_sleeps_instead_of_spinning(tmp_path):
+    _spawn(_late_rank, 2, str(tmp_path))
+    waiter = torch.load(tmp_path / "0.pt")
+    assert torch.equal(waiter["result"], torch.full((10,), 0.5))
+    assert waiter["wall"] > 0.4
+    # Spinning would cost about the whole wait in CPU time; sleeping costs the first 10 ms.
+    assert waiter["cpu"] < 0.1 * waiter["wall"]
