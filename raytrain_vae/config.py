@@ -152,7 +152,8 @@ class ScalingSection(_Section):
     retain_freed_memory: bool = Field(
         True,
         description="CPU workers keep freed tensor memory in the heap (glibc malloc) for the "
-        "next step instead of returning it to the kernel and page-faulting it back in.",
+        "next step instead of returning it to the kernel and page-faulting it back in; "
+        "`raytrain_vae.evaluate` on the CPU follows it too.",
     )
 
 

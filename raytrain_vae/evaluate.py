@@ -16,6 +16,7 @@ from raytrain_vae.cli import run_cli
 from raytrain_vae.config import UserError
 from raytrain_vae.data import load_splits, to_model_input
 from raytrain_vae.export import load_export
+from raytrain_vae.heap import retain_freed_memory
 from raytrain_vae.model import ConvVAE
 from raytrain_vae.objectives import bits_per_dim, elbo_terms, iwae_nll
 
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {value})")
 
     model, cfg = load_export(args.model)
+    if torch.device(args.device).type == "cpu" and cfg.scaling.retain_freed_memory:
+        retain_freed_memory()
     splits = load_splits(cfg.data)
     images = splits.test if args.split == "test" else splits.val
     images = images[: args.limit] if args.limit else images

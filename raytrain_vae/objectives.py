@@ -103,12 +103,14 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def iwae_nll(model: ConvVAE, x: torch.Tensor, k: int, max_decodes: int = 4096) -> torch.Tensor:
+def iwae_nll(model: ConvVAE, x: torch.Tensor, k: int, max_decodes: int = 1024) -> torch.Tensor:
     """Importance-weighted estimate of -log p(x) per image with k samples of q(z|x), in nats.
 
     -log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x), an upper bound on the NLL that tightens with k
     (k = 1 is the one-sample negative ELBO). Samples are decoded in chunks of at most
-    `max_decodes` images, combined with a running log-sum-exp, so memory does not grow with k."""
+    `max_decodes` images, combined with a running log-sum-exp, so memory does not grow with k.
+    1024 keeps the default decoder's activations (25 MB) under glibc's 32 MB mmap cap, so a
+    retained heap reuses them; 4096 page-faulted every chunk in and ran at half the speed."""
     if k < 1:
         raise ValueError(f"iwae_nll needs k >= 1 samples (got {k})")
     mu, logvar = model.encode(x)
