@@ -409,13 +409,13 @@ def test_the_default_iwae_chunk_fits_under_glibcs_mmap_cap():
     # even with the heap retained (iwae_nll's docstring); the default model's must fit under it.
     cfg = load_config(REPO / "configs" / "vae.yaml")
     model = ConvVAE(cfg.model, IMAGE_SHAPE).eval()
-    largest = []
+    sizes = []
     for module in model.modules():
-        module.register_forward_hook(lambda m, i, out: largest.append(out.numel() * out.itemsize))
+        module.register_forward_hook(lambda m, i, out: sizes.append(out.numel() * out.itemsize))
     with torch.no_grad():
         model.decode(torch.zeros(1, cfg.model.latent_dim))
     max_decodes = inspect.signature(iwae_nll).parameters["max_decodes"].default
-    assert max(largest) * max_decodes < MMAP_THRESHOLD_BYTES
+    assert max(sizes) * max_decodes < MMAP_THRESHOLD_BYTES
 
 
 @pytest.mark.parametrize("retain", [True, False])
