@@ -153,7 +153,7 @@ class ScalingSection(_Section):
         True,
         description="CPU workers keep freed tensor memory in the heap (glibc malloc) for the "
         "next step instead of returning it to the kernel and page-faulting it back in; "
-        "`raytrain_vae.evaluate` on the CPU follows it too.",
+        "`raytrain_vae.evaluate` and `raytrain_vae.generate` on the CPU follow it too.",
     )
 
 

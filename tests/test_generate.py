@@ -16,6 +16,7 @@ import torch
 from conftest import make_idx_dataset
 from PIL import Image
 
+from raytrain_vae import generate
 from raytrain_vae.config import UserError, dump_config, load_config
 from raytrain_vae.export import load_model, save_weights
 from raytrain_vae.generate import encode_images, latents_for, png_bytes, read_inputs, sample
@@ -42,6 +43,19 @@ def ray_local():
     ray.init(num_cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.mark.parametrize("retain", ["true", "false"])
+def test_cpu_actors_retain_freed_memory_as_the_model_config_says(tmp_path, monkeypatch, retain):
+    cfg = load_config(None, ["model.channels=[4,8]", f"scaling.retain_freed_memory={retain}"])
+    save_weights(ConvVAE(cfg.model, (1, 28, 28)), tmp_path / "model.safetensors")
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    calls = []
+    monkeypatch.setattr(generate, "retain_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model, device = generate.load_actor_model(str(tmp_path))
+    assert device == "cpu" and not model.training
+    assert calls == ([1] if retain == "true" else [])
 
 
 def read_rows(folder: Path) -> pa.Table:
