@@ -43,12 +43,6 @@ def measure():
         step()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     print(statistics.median(faults[6:]))
-if sys.argv[2] == "main":
-    measure()
-else:
-    thread = threading.Thread(target=measure)
-    thread.start()
-    thread.join()
 """
 
 # The heap's contract on its own, with deterministic blocks: 40 blocks of 4 MB (160 MB) are
@@ -77,6 +71,10 @@ def measure():
             libc.free(block)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     print(max(faults[1:]))
+"""
+
+# Runs a script's measure() in the main thread or, as Ray Train runs the loop, in another thread.
+IN_MAIN_OR_THREAD = """
 if sys.argv[2] == "main":
     measure()
 else:
@@ -96,7 +94,7 @@ def _glibc() -> bool:
 
 def _faults(script: str, mode: str, where: str) -> float:
     out = subprocess.run(
-        [sys.executable, "-c", script, mode, where],
+        [sys.executable, "-c", script + IN_MAIN_OR_THREAD, mode, where],
         capture_output=True,
         text=True,
         check=True,
