@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable
 
 from raytrain_vae.config import Config, UserError, load_config
@@ -28,13 +29,61 @@ def config_from_args(argv: list[str] | None, prog: str, description: str | None 
     return load_config(args.config, args.overrides)
 
 
+MAX_LINE = 300
+BUG_LINE = (
+    "error: this is a bug in raytrain_vae, not a problem with your input: please report it on "
+    "the raytrain_vae issue tracker with the command you ran and the traceback above"
+)
+
+
+def expected_error(exc: BaseException) -> Exception | None:
+    """The UserError (or OSError: disk full, permissions) behind an exception, looking through
+    exception chains and Ray's wrappers (task errors, Ray Train worker failures)."""
+    stack: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        # Ray re-raises a task's exception as a subclass of both RayTaskError and its class,
+        # whose message is a whole remote traceback: the original is its `cause`.
+        cause = getattr(e, "cause", None)
+        if isinstance(e, UserError | OSError) and not isinstance(cause, BaseException):
+            return e  # type: ignore[return-value]
+        stack += [e.__context__, e.__cause__, cause if isinstance(cause, BaseException) else None]
+        failures = getattr(e, "worker_failures", None)  # ray.train.TrainingFailedError
+        if isinstance(failures, dict):
+            stack += list(failures.values())
+    return None
+
+
+def one_line(exc: Exception) -> str:
+    """The error as one line of at most MAX_LINE characters."""
+    if isinstance(exc, OSError) and not isinstance(exc, UserError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        text = f"{where}{exc.strerror}"
+    else:
+        # Our messages are one line; Ray Data appends its retry advice on further lines.
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    line = f"error: {text}"
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
+
+
 def run_cli(main: Callable[[], int]) -> int:
-    """Run a CLI entry point: a UserError becomes one line on stderr and exit status 2."""
+    """Run a CLI entry point: an expected failure (a UserError, or an OSError such as a full
+    disk, also when raised inside a Ray task) becomes one line on stderr and exit status 2; an
+    unexpected one keeps its traceback, plus a line saying it is a bug."""
     try:
         return main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        expected = expected_error(exc)
+        if expected is None:
+            traceback.print_exc()
+            print(BUG_LINE, file=sys.stderr)
+            return 1
+        print(one_line(expected), file=sys.stderr)
+        return 2

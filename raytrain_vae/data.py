@@ -13,7 +13,7 @@ import torch
 from torchvision.datasets import MNIST, FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from raytrain_vae.config import DataConfig, UserError
+from raytrain_vae.config import DataConfig, UserError, stream_seed
 
 DATASETS: dict[str, type[MNIST]] = {"mnist": MNIST, "fashion_mnist": FashionMNIST}
 IMAGE_SHAPE = (1, 28, 28)  # (C, H, W) of every dataset above
@@ -166,12 +166,13 @@ def load_splits(cfg: DataConfig) -> Splits:
         raise DataError(f"{files['train_images'].parent}: image and label counts differ")
 
     order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    if cfg.limit is not None:
-        order = order[: cfg.limit]
-    n_val = max(1, round(len(order) * cfg.val_fraction))
-    if len(order) - n_val < 1:
-        raise DataError(f"data.limit={cfg.limit} leaves no training images after validation")
-    val_idx, train_idx = order[:n_val], order[n_val:]
+    n_train, n_val = cfg.split_sizes(len(order))
+    if n_train < 1:
+        raise DataError(
+            f"{min(len(order), cfg.limit or len(order))} images (data.limit={cfg.limit}) leave "
+            "no training images after data.val_fraction"
+        )
+    val_idx, train_idx = order[:n_val], order[n_val : n_val + n_train]
     train, val = train_all[train_idx], train_all[val_idx]
 
     if cfg.binarize == "static":
@@ -195,7 +196,7 @@ def load_splits(cfg: DataConfig) -> Splits:
 def shard_indices(n: int, rank: int, world: int, epoch: int, seed: int) -> torch.Tensor:
     """This rank's training indices for an epoch: a fresh seeded shuffle, split into equal,
     disjoint shards (the n % world left over rotate each epoch) so every rank takes equal steps."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(stream_seed(seed * 1_000_003 + epoch))
     per_rank = n // world
     return torch.randperm(n, generator=g)[rank * per_rank : (rank + 1) * per_rank]
 

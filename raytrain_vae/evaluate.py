@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from raytrain_vae.cli import run_cli
-from raytrain_vae.config import UserError
+from raytrain_vae.config import SEED_LIMIT, UserError
 from raytrain_vae.data import load_splits, to_model_input
 from raytrain_vae.export import load_export
 from raytrain_vae.heap import retain_freed_memory
-from raytrain_vae.model import ConvVAE
+from raytrain_vae.model import ConvVAE, check_fits_memory, training_memory_bytes
 from raytrain_vae.objectives import bits_per_dim, elbo_terms, iwae_nll
+from raytrain_vae.outputs import check_output_file, write_file_atomically
+
+WRITTEN_BY = "raytrain_vae.evaluate"
+MAX_K = 1_000_000
+MAX_BATCH = 2**20
 
 
 @torch.no_grad()
@@ -72,36 +74,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", help="also write the metrics here as JSON")
     args = parser.parse_args(argv)
-    if args.k < 0:
-        raise UserError(f"--k must be >= 0 (got {args.k})")
-    for name in ("batch_size", "limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {value})")
+    check_args(args)
+    device = parse_device(args.device)
+    output = check_output_file(args.output, "--output", WRITTEN_BY) if args.output else None
 
     model, cfg = load_export(args.model)
-    if torch.device(args.device).type == "cpu" and cfg.scaling.retain_freed_memory:
+    check_fits_memory(
+        training_memory_bytes(cfg.model, model.image_shape, args.batch_size),
+        f"--batch-size {args.batch_size}",
+        "lower --batch-size",
+    )
+    if device.type == "cpu" and cfg.scaling.retain_freed_memory:
         retain_freed_memory()
     splits = load_splits(cfg.data)
     images = splits.test if args.split == "test" else splits.val
     images = images[: args.limit] if args.limit else images
     start = time.perf_counter()
-    metrics = evaluate(model, images, args.k, args.batch_size, args.seed, args.device)
+    metrics = evaluate(model, images, args.k, args.batch_size, args.seed, device)
     metrics |= {"split": args.split, "dataset": cfg.data.dataset, "binarize": cfg.data.binarize}
     metrics["seconds"] = time.perf_counter() - start
+    metrics["written_by"] = WRITTEN_BY  # lets a later run replace this file, and nothing else
     text = json.dumps(metrics, indent=1)
     print(text)
-    if args.output:
-        _write_atomically(Path(args.output), text)
+    if output is not None:
+        write_file_atomically(output, text + "\n", "--output")
     return 0
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def check_args(args: argparse.Namespace) -> None:
+    """One line on the first flag out of the range the code can use."""
+    for flag, value, low, high in (
+        ("--k", args.k, 0, MAX_K),
+        ("--batch-size", args.batch_size, 1, MAX_BATCH),
+        ("--limit", args.limit, 1, 2**40),
+        ("--seed", args.seed, 0, SEED_LIMIT - 1),
+    ):
+        if value is not None and not low <= value <= high:
+            raise UserError(f"{flag} must be in [{low}, {high}] (got {value})")
+
+
+def parse_device(text: str) -> torch.device:
+    """--device as a torch device this machine has."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {text[:40]!r}: not a torch device (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {text}: this machine has no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {text}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {text}: only cpu and cuda devices are supported")
+    return device
 
 
 def cli() -> None:

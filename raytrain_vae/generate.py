@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import shutil
+import math
 import sys
-import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,14 @@ import torch
 from PIL import Image
 
 from raytrain_vae.cli import run_cli
-from raytrain_vae.config import UserError
+from raytrain_vae.config import SEED_LIMIT, UserError
 from raytrain_vae.data import load_splits
 from raytrain_vae.export import load_export
 from raytrain_vae.heap import retain_freed_memory
-from raytrain_vae.model import ConvVAE
+from raytrain_vae.model import ConvVAE, check_fits_memory, training_memory_bytes
 from raytrain_vae.objectives import kl_to_standard_normal, reconstruction_nll
-from raytrain_vae.train import init_ray
+from raytrain_vae.outputs import check_output_dir, staged_dir
+from raytrain_vae.runtime import ResourceError, describe, init_ray, require_resources
 
 
 def latents_for(ids: np.ndarray, latent_dim: int, seed: int) -> torch.Tensor:
@@ -124,6 +126,12 @@ class Encoder:
         return pa.table(columns)
 
 
+MAX_BATCH = 2**20
+MAX_ACTORS = 10_000
+MAX_SAMPLES = 10**12
+OUTPUT_KIND = "generate"
+
+
 def actor_cpus(concurrency: int) -> float:
     """CPUs per actor that leave room for Ray Data's read tasks: with every CPU taken by actors,
     the job waits forever for a CPU to read the ids on."""
@@ -131,47 +139,95 @@ def actor_cpus(concurrency: int) -> float:
     return max(0.25, min(1.0, (total - 1) / concurrency))
 
 
-def _check_job(output: str, batch_size: int, concurrency: int, num_gpus: float, overwrite: bool):
-    if batch_size <= 0 or concurrency <= 0 or num_gpus < 0:
-        raise UserError("--batch-size and --concurrency must be > 0, --num-gpus >= 0")
-    out = Path(output).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists: pass --overwrite to replace it")
-    return out
+@dataclass(frozen=True)
+class JobOptions:
+    """How a batch job runs: rows per batch, model-holding actors, GPUs per actor, whether an
+    earlier output of this command may be replaced, how long to wait for an autoscaler."""
+
+    batch_size: int = 1024
+    concurrency: int = 1
+    num_gpus: float = 0
+    overwrite: bool = False
+    resource_wait_s: float = 300
+
+    def check(self) -> None:
+        """One line on the first option out of range (NaN and infinity included)."""
+        for flag, value, low, high in (
+            ("--batch-size", self.batch_size, 1, MAX_BATCH),
+            ("--concurrency", self.concurrency, 1, MAX_ACTORS),
+            ("--num-gpus", self.num_gpus, 0, 64),
+            ("--resource-wait-s", self.resource_wait_s, 0, 86_400),
+        ):
+            check_number(flag, value, low, high)
 
 
-def _write_job(
-    dataset_fn,
-    actor: type,
-    kwargs: dict,
-    out: Path,
-    batch_size: int,
-    concurrency: int,
-    num_gpus: float,
-    batch_format: str = "numpy",
-) -> int:
+def check_number(flag: str, value: float, low: float, high: float) -> None:
+    """Refuse a flag's value outside [low, high], NaN and infinity included."""
+    if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
+        raise UserError(f"{flag} must be a number in [{low:g}, {high:g}] (got {value})")
+
+
+def _check_job(output: str, options: JobOptions, seed: int) -> Path:
+    """Options, seed and output folder checked before Ray starts; the resolved output."""
+    options.check()
+    check_number("--seed", seed, 0, SEED_LIMIT - 1)
+    return check_output_dir(output, "--output", OUTPUT_KIND, replace=options.overwrite)
+
+
+def check_model_fits(model_dir: str, options: JobOptions) -> None:
+    """The model loads, and a batch of it fits this machine's memory (within 10x)."""
+    model, cfg = load_export(model_dir)
+    check_fits_memory(
+        training_memory_bytes(cfg.model, model.image_shape, options.batch_size),
+        f"--batch-size {options.batch_size}",
+        "lower --batch-size",
+    )
+
+
+def _write_job(dataset_fn, actor: type, kwargs: dict, out: Path, options: JobOptions,
+               batch_format: str = "numpy") -> int:  # fmt: skip
     """Run dataset -> map_batches(actor) -> Parquet in a temp dir, then move it to out."""
     init_ray()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        resources = {"num_gpus": num_gpus} if num_gpus else {"num_cpus": actor_cpus(concurrency)}
+    cpus = actor_cpus(options.concurrency)
+    bundle = {"CPU": cpus, **({"GPU": options.num_gpus} if options.num_gpus else {})}
+    require_resources(
+        [bundle] * options.concurrency,
+        f"{options.concurrency} actor(s) x {describe(bundle)}",
+        "lower --concurrency or --num-gpus",
+        options.resource_wait_s,
+    )
+    with staged_dir(out, "--output", OUTPUT_KIND) as tmp, _job_context(options):
         dataset_fn().map_batches(
             actor,
             fn_constructor_kwargs=kwargs,
-            batch_size=batch_size,
+            batch_size=options.batch_size,
             batch_format=batch_format,
-            concurrency=concurrency,
-            **resources,
+            concurrency=options.concurrency,
+            num_cpus=cpus,
+            **({"num_gpus": options.num_gpus} if options.num_gpus else {}),
         ).write_parquet(str(tmp))
         rows = sum(pq.read_metadata(f).num_rows for f in tmp.glob("*.parquet"))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return rows
+
+
+@contextmanager
+def _job_context(options: JobOptions) -> Iterator[None]:
+    """Ray Data settings for one job, restored afterwards: an actor's UserError reaches the CLI
+    as itself (not as a UserCodeException that drops it), and actors that cannot start fail
+    after a bounded wait instead of never."""
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.raise_original_map_exception, ctx.wait_for_min_actors_s
+    ctx.raise_original_map_exception = True
+    ctx.wait_for_min_actors_s = max(60, int(options.resource_wait_s))
+    try:
+        yield
+    except ray.exceptions.GetTimeoutError:
+        raise ResourceError(
+            f"the {options.concurrency} actor(s) did not start within "
+            f"{ctx.wait_for_min_actors_s} s; lower --concurrency or --num-gpus"
+        ) from None
+    finally:
+        ctx.raise_original_map_exception, ctx.wait_for_min_actors_s = saved
 
 
 def sample(
@@ -185,84 +241,270 @@ def sample(
     temperature: float = 1.0,
     pixels: bool = False,
     overwrite: bool = False,
+    resource_wait_s: float = 300,
 ) -> int:
     """Write num_samples generated rows as Parquet into output; returns the row count."""
-    if num_samples <= 0:
-        raise UserError(f"--num-samples must be > 0 (got {num_samples})")
-    if temperature <= 0:
-        raise UserError(f"--temperature must be > 0 (got {temperature})")
-    out = _check_job(output, batch_size, concurrency, num_gpus, overwrite)
-    load_export(model_dir)  # a missing or corrupt model fails here, before any actor starts
+    options = JobOptions(batch_size, concurrency, num_gpus, overwrite, resource_wait_s)
+    check_number("--num-samples", num_samples, 1, MAX_SAMPLES)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UserError(f"--temperature must be a finite number > 0 (got {temperature})")
+    out = _check_job(output, options, seed)
+    check_model_fits(model_dir, options)  # a missing or corrupt model fails before any actor
     kwargs = {
         "model_dir": str(Path(model_dir).resolve()),
         "seed": seed,
         "temperature": temperature,
         "pixels": pixels,
     }
-    return _write_job(
-        lambda: ray.data.range(num_samples), Sampler, kwargs, out, batch_size, concurrency,
-        num_gpus,
-    )  # fmt: skip
+    return _write_job(lambda: ray.data.range(num_samples), Sampler, kwargs, out, options)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # an image folder's files, in any letter case
 
 
 def read_inputs(model_dir: str, split: str, input_path: str | None) -> pa.Table:
     """Rows id, label (when known), pixels (fixed_size_list<uint8>) from the model's dataset
-    split, or from Parquet (an `image` PNG column or a `pixels` column) or a folder of PNGs."""
+    split, or from Parquet (an `image` column of PNG/JPEG bytes, or a `pixels` column of C*H*W
+    integers 0..255; optional integer `id` and `label`) or a folder of PNG/JPEG files.
+
+    Input that cannot be read raises a one-line UserError naming the file (and the row,
+    counted from 0, or the column); nothing is written."""
     model, cfg = load_export(model_dir)
-    c, h, w = model.image_shape
+    shape = model.image_shape
     if input_path is None:
-        splits = load_splits(cfg.data)
-        images, labels = {
-            "test": (splits.test, splits.test_labels),
-            "val": (splits.val, splits.val_labels),
-            "train": (splits.train, splits.train_labels),
-        }[split]
-        return pa.table(
-            {
-                "id": pa.array(np.arange(len(images)), pa.int64()),
-                "label": pa.array(labels.numpy(), pa.int64()),
-                "pixels": fixed_size_list(images.reshape(len(images), -1).numpy()),
-            }
-        )
-    path = Path(input_path).expanduser()
+        return _split_rows(cfg, split)
+    path = _input_path(input_path)
+    where = _shown(path)
     if path.is_dir() and not list(path.glob("*.parquet")):
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
-        if not files:
-            raise UserError(f"{path}: no .png or .parquet files to read")
-        pngs = [f.read_bytes() for f in files]
-        table = pa.table({"path": [str(f) for f in files], "image": pa.array(pngs, pa.binary())})
-    else:
-        try:
-            table = pq.read_table(path)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise UserError(f"{path}: not readable as Parquet ({exc})") from None
-    if "id" not in table.column_names:
-        table = table.append_column("id", pa.array(np.arange(table.num_rows), pa.int64()))
+        pixels = _read_image_folder(path, shape)
+        return pa.table(
+            {"id": pa.array(np.arange(len(pixels)), pa.int64()), "pixels": fixed_size_list(pixels)}
+        )
+    table = _read_parquet(path, where)
+    ids = _id_column(table, where)
+    labels = _int_column(table, "label", where) if "label" in table.column_names else None
     if "pixels" in table.column_names:
-        pixels = np.asarray(table.column("pixels").to_pylist(), dtype=np.uint8)
+        pixels = _pixels_column(table.column("pixels"), shape, where)
     elif "image" in table.column_names:
-        pixels = np.stack([_decode_png(b, (c, h, w)) for b in table.column("image").to_pylist()])
+        pixels = _image_column(table.column("image"), shape, where)
     else:
-        raise UserError(f"{path}: needs an `image` (PNG bytes) or `pixels` column")
-    if pixels.ndim != 2 or pixels.shape[1] != c * h * w:
-        raise UserError(f"{path}: pixels must hold {c * h * w} values per image ({c}x{h}x{w})")
-    columns = {"id": table.column("id").cast(pa.int64()), "pixels": fixed_size_list(pixels)}
-    if "label" in table.column_names:
-        columns["label"] = table.column("label").cast(pa.int64())
+        raise UserError(f"{where}: needs an `image` (PNG/JPEG bytes) or `pixels` column")
+    columns = {"id": ids, "pixels": fixed_size_list(pixels)}
+    if labels is not None:
+        columns["label"] = labels
     return pa.table(columns)
 
 
-def _decode_png(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+def _split_rows(cfg, split: str) -> pa.Table:
+    """The rows of one split (test, val or train) of the model's own dataset."""
+    if split not in ("test", "val", "train"):
+        raise UserError(f"split must be test, val or train (got '{_shown(split, 20)}')")
+    splits = load_splits(cfg.data)
+    images, labels = getattr(splits, split), getattr(splits, f"{split}_labels")
+    if len(images) == 0:
+        raise UserError(f"the {split} split of {cfg.data.dataset} has no images")
+    return pa.table(
+        {
+            "id": pa.array(np.arange(len(images)), pa.int64()),
+            "label": pa.array(labels.numpy(), pa.int64()),
+            "pixels": fixed_size_list(images.reshape(len(images), -1).numpy()),
+        }
+    )
+
+
+def _input_path(input_path: str) -> Path:
+    """--input as an existing, non-empty file or a folder; anything else is a UserError."""
+    shown = _shown(input_path)
+    if not input_path:
+        raise UserError("--input is empty: give a Parquet file or a folder of images")
+    if "\0" in input_path:
+        raise UserError(f"{shown}: --input holds a NUL byte")
+    try:
+        path = Path(input_path).expanduser()
+        if path.is_dir():
+            return path
+        if not path.exists():
+            raise UserError(f"{shown}: no such file or folder")
+        if not path.is_file():
+            raise UserError(f"{shown}: not a regular file or folder")
+        if path.stat().st_size == 0:
+            raise UserError(f"{shown}: empty file (Parquet expected)")
+    except (OSError, RuntimeError) as exc:  # RuntimeError: ~user whose home is unknown
+        raise UserError(f"{shown}: cannot read ({_reason(exc)})") from None
+    return path
+
+
+def _read_image_folder(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """(N, C*H*W) uint8 from a folder's .png/.jpg/.jpeg files, in sorted file-name order."""
+    try:
+        files = sorted(
+            p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
+    except OSError as exc:
+        raise UserError(f"{_shown(path)}: cannot list the folder ({_reason(exc)})") from None
+    if not files:
+        raise UserError(f"{_shown(path)}: no .png, .jpg, .jpeg or .parquet files to read")
+    rows = []
+    for file in files:
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            raise UserError(f"{_shown(file)}: cannot read ({_reason(exc)})") from None
+        rows.append(_decode_png(data, shape, _shown(file)))
+    return np.stack(rows)
+
+
+def _read_parquet(path: Path, where: str) -> pa.Table:
+    """A Parquet file (or folder of them) with at least one row."""
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        raise UserError(f"{where}: --input takes Parquet or a folder of images, not one image")
+    try:  # a repeated column name fails here too ("Multiple matches for FieldRef")
+        table = pq.read_table(path)
+    except (OSError, ValueError, TypeError, pa.ArrowException) as exc:
+        raise UserError(f"{where}: not readable as Parquet ({_reason(exc, 120, path)})") from None
+    if table.num_rows == 0:
+        raise UserError(f"{where}: no rows to read")
+    return table
+
+
+def _int_column(table: pa.Table, name: str, where: str) -> pa.ChunkedArray:
+    """A column cast to int64 (as Arrow casts safely: 7.0 and "7" pass, 7.5 and "x" do not)."""
+    column = table.column(name)
+    try:
+        return column.cast(pa.int64())
+    except (ValueError, TypeError, pa.ArrowException) as exc:
+        reason = f"{_shown(column.type, 40, keep_end=False)}: {_reason(exc)}"
+        raise UserError(f"{where}: column `{name}` must hold integers ({reason})") from None
+
+
+def _id_column(table: pa.Table, where: str) -> pa.ChunkedArray | pa.Array:
+    """The table's ids, which must be unique non-null integers; row numbers when it has none."""
+    if "id" not in table.column_names:
+        return pa.array(np.arange(table.num_rows), pa.int64())
+    ids = _int_column(table, "id", where)
+    if ids.null_count:
+        row = int(np.flatnonzero(ids.is_null().to_numpy())[0])
+        raise UserError(f"{where} row {row}: `id` is null (ids must be unique integers)")
+    values = ids.to_numpy()
+    order = np.argsort(values, kind="stable")
+    same = np.flatnonzero(values[order][1:] == values[order][:-1])
+    if same.size:
+        first, second = order[same[0]], order[same[0] + 1]
+        raise UserError(
+            f"{where}: column `id` repeats {values[first]} (rows {first} and {second}); "
+            "ids must be unique"
+        )
+    return ids
+
+
+def _image_column(column: pa.ChunkedArray, shape: tuple[int, int, int], where: str) -> np.ndarray:
+    """(N, C*H*W) uint8 from a column of image file bytes (PNG, JPEG)."""
+    rows = []
+    for row, data in enumerate(column.to_pylist()):
+        if data is None:
+            raise UserError(f"{where} row {row}: `image` is null")
+        if not isinstance(data, bytes):
+            kind = _shown(column.type, 40, keep_end=False)
+            raise UserError(f"{where}: column `image` must hold image file bytes (got {kind})")
+        rows.append(_decode_png(data, shape, f"{where} row {row}"))
+    return np.stack(rows)
+
+
+def _pixels_column(column: pa.ChunkedArray, shape: tuple[int, int, int], where: str) -> np.ndarray:
+    """(N, C*H*W) uint8 from a list column of C*H*W integer values 0..255 per row."""
+    size = int(np.prod(shape))
+    kind, shown = column.type, _shown(column.type, 40, keep_end=False)
+    if not (
+        pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    ):
+        raise UserError(
+            f"{where}: column `pixels` must hold a list of {size} values per row (got {shown})"
+        )
+    if not (pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)):
+        raise UserError(f"{where}: column `pixels` must hold integers 0..255 (got {shown})")
+    parts, start = [], 0
+    for chunk in column.chunks:
+        parts.append(_pixel_chunk(chunk, start, shape, where))
+        start += len(chunk)
+    return np.concatenate(parts)
+
+
+def _pixel_chunk(
+    chunk: pa.Array, start: int, shape: tuple[int, int, int], where: str
+) -> np.ndarray:
+    """One chunk of a `pixels` column (its first row is row `start`) -> (n, C*H*W) uint8."""
+    size = int(np.prod(shape))
+    if chunk.null_count:
+        row = start + int(np.flatnonzero(chunk.is_null().to_numpy(zero_copy_only=False))[0])
+        raise UserError(f"{where} row {row}: `pixels` is null")
+    if pa.types.is_fixed_size_list(chunk.type):
+        lengths = np.full(len(chunk), chunk.type.list_size)
+    else:
+        lengths = chunk.value_lengths().to_numpy()
+    wrong = np.flatnonzero(lengths != size)
+    if wrong.size:
+        row, n = start + int(wrong[0]), int(lengths[wrong[0]])
+        c, h, w = shape
+        raise UserError(
+            f"{where} row {row}: `pixels` holds {n} values, the model takes {size} ({c}x{h}x{w})"
+        )
+    values = chunk.flatten()
+    if values.null_count:
+        index = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        raise UserError(f"{where} row {start + index // size}: `pixels` holds a null value")
+    v = values.to_numpy()
+    bad = (v < 0) | (v > 255)
+    if v.dtype.kind == "f":
+        bad |= ~np.isfinite(v) | (v != np.floor(v))
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        raise UserError(
+            f"{where} row {start + index // size}: `pixels` holds {v[index].item()!r}; "
+            "pixels must be integers 0..255"
+        )
+    return v.astype(np.uint8).reshape(-1, size)
+
+
+def _decode_png(data: bytes, shape: tuple[int, int, int], where: str = "input") -> np.ndarray:
+    """Image file bytes (PNG, JPEG or any format PIL reads) -> C*H*W uint8 values: colour
+    becomes grey for a 1-channel model, grey becomes RGB for a 3-channel one."""
     c, h, w = shape
     try:
         image = Image.open(io.BytesIO(data))
-        image = image.convert("L" if c == 1 else "RGB")
+    except Image.DecompressionBombError:
+        raise UserError(f"{where}: image is too large to decode") from None
     except Exception:  # PIL raises many types for bytes that are not an image
-        raise UserError("input holds data that is not an image (PNG expected)") from None
-    if image.size != (w, h):
-        raise UserError(f"input image is {image.size[0]}x{image.size[1]}, the model takes {w}x{h}")
+        raise UserError(f"{where}: not an image (PNG or JPEG expected)") from None
+    if image.size != (w, h):  # checked before decoding: the header gives the size
+        raise UserError(
+            f"{where}: image is {image.size[0]}x{image.size[1]}, the model takes {w}x{h}"
+        )
+    try:
+        image = image.convert("L" if c == 1 else "RGB")
+    except Exception as exc:  # a truncated or corrupt file fails only once it is decoded
+        raise UserError(f"{where}: broken {image.format or ''} image ({_reason(exc)})") from None
     array = np.asarray(image)
     return (array if c == 1 else array.transpose(2, 0, 1)).reshape(-1)
+
+
+def _shown(text: object, limit: int = 100, keep_end: bool = True) -> str:
+    """text as one printable line of at most limit characters for an error message: control
+    characters (and undecodable file-name bytes) escaped; a long text keeps its end (where a
+    path names its file) or, with keep_end=False, its start."""
+    line = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
+    if len(line) <= limit:
+        return line
+    return "..." + line[3 - limit :] if keep_end else line[: limit - 3] + "..."
+
+
+def _reason(exc: BaseException, limit: int = 80, path: Path | None = None) -> str:
+    """The first line of an exception's message, shortened for a one-line error; path, which
+    Arrow repeats in its messages, is shortened to its name."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else type(exc).__name__
+    if path is not None:
+        line = line.replace(str(path), path.name)
+    return _shown(line, limit, keep_end=False)
 
 
 def encode_images(
@@ -276,18 +518,20 @@ def encode_images(
     concurrency: int = 1,
     num_gpus: float = 0,
     overwrite: bool = False,
+    resource_wait_s: float = 300,
 ) -> int:
     """Encode (and, with reconstruct, decode and score) images into Parquet; the row count."""
-    out = _check_job(output, batch_size, concurrency, num_gpus, overwrite)
+    options = JobOptions(batch_size, concurrency, num_gpus, overwrite, resource_wait_s)
+    out = _check_job(output, options, seed)
+    check_model_fits(model_dir, options)
     table = read_inputs(model_dir, split, input_path)
     kwargs = {"model_dir": str(Path(model_dir).resolve()), "seed": seed, "reconstruct": reconstruct}
     # One block per batch (at most 200) so every actor gets work.
     step = max(batch_size, -(-table.num_rows // 200))
     blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]
     return _write_job(
-        lambda: ray.data.from_arrow(blocks), Encoder, kwargs, out, batch_size, concurrency,
-        num_gpus, batch_format="pyarrow",
-    )  # fmt: skip
+        lambda: ray.data.from_arrow(blocks), Encoder, kwargs, out, options, batch_format="pyarrow"
+    )
 
 
 def _job_args(parser: argparse.ArgumentParser) -> None:
@@ -297,7 +541,17 @@ def _job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--concurrency", type=int, default=1, help="model-holding actors")
     parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per actor")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier output of this command (never a folder it did not write)",
+    )
+    parser.add_argument(
+        "--resource-wait-s",
+        type=float,
+        default=300,
+        help="on an autoscaling cluster, how long to wait for room for the actors",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,16 +577,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    common = (args.seed, args.batch_size, args.concurrency, args.num_gpus)
+    common = {
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "concurrency": args.concurrency,
+        "num_gpus": args.num_gpus,
+        "overwrite": args.overwrite,
+        "resource_wait_s": args.resource_wait_s,
+    }
     if args.command == "sample":
         rows = sample(
-            args.model, args.num_samples, args.output, *common, args.temperature, args.pixels,
-            args.overwrite,
+            args.model, args.num_samples, args.output, temperature=args.temperature,
+            pixels=args.pixels, **common,
         )  # fmt: skip
     else:
         rows = encode_images(
             args.model, args.output, args.split, args.input, args.command == "reconstruct",
-            *common, args.overwrite,
+            **common,
         )  # fmt: skip
     seconds = time.perf_counter() - start
     where = Path(args.output).expanduser().resolve()

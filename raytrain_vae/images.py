@@ -10,6 +10,9 @@ from torchvision.utils import make_grid, save_image
 
 from raytrain_vae.model import ConvVAE
 
+OUTPUT_KIND = "images"
+MAX_GRID = 10_000  # images in one PNG grid
+
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
     """Save (N, C, H, W) images in [0, 1] as one PNG grid, nrow images per row."""
@@ -69,21 +72,27 @@ def main(argv: list[str] | None = None) -> int:
     """python -m raytrain_vae.images --model DIR --output DIR: every picture of a model."""
     import argparse  # the imports below are here because export.py imports this module
 
-    from raytrain_vae.config import UserError
+    from raytrain_vae.config import SEED_LIMIT, UserError
     from raytrain_vae.data import load_splits, to_model_input
     from raytrain_vae.export import load_export
+    from raytrain_vae.outputs import check_output_dir, staged_dir
 
     parser = argparse.ArgumentParser(prog="python -m raytrain_vae.images", description=__doc__)
     parser.add_argument("--model", required=True, help="exported model directory")
-    parser.add_argument("--output", required=True, help="folder for the PNGs")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="folder for the PNGs: new, empty, or an earlier output of this command (replaced)",
+    )
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.num_samples <= 0:
-        raise UserError(f"--num-samples must be > 0 (got {args.num_samples})")
+    if not 0 < args.num_samples <= MAX_GRID:
+        raise UserError(f"--num-samples must be in [1, {MAX_GRID}] (got {args.num_samples})")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise UserError(f"--seed must be in [0, 2**63) (got {args.seed})")
+    out = check_output_dir(args.output, "--output", OUTPUT_KIND)
     model, cfg = load_export(args.model)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     test = to_model_input(load_splits(cfg.data).test[:32], False)
     written = {
         "samples.png": lambda p: sample_grid(model, p, args.num_samples, args.seed),
@@ -94,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if cfg.model.latent_dim == 2:
         written["latent_map.png"] = lambda p: latent_map(model, p)
-    for name, draw in written.items():
-        tmp = out / f".{name}.tmp.png"
-        draw(tmp)
-        tmp.replace(out / name)  # a viewer never sees half a PNG
+    with staged_dir(out, "--output", OUTPUT_KIND) as tmp:
+        for name, draw in written.items():
+            draw(tmp / name)
+    for name in written:
         print(f"wrote {out / name}")
     return 0
 

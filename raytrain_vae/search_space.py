@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -12,11 +13,14 @@ import optuna
 
 from raytrain_vae.config import Config, ConfigError, is_config_key, set_dotted, validate_config
 from raytrain_vae.data import IMAGE_SHAPE
-from raytrain_vae.model import ConvVAE
+from raytrain_vae.model import check_trainable
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "quniform", "qloguniform")
 SEARCHABLE_SECTIONS = ("data", "model", "train", "scaling")
 _SCALARS = (bool, int, float, str, type(None))
+# Spaces with more combinations of their parameters' extremes than this are checked one
+# parameter at a time (each combination builds a model on the meta device: about 2 ms).
+MAX_COMBINATIONS = 256
 
 
 @dataclass(frozen=True)
@@ -112,56 +116,95 @@ def _samples(param: Param) -> list[Any]:
     return [low, high, param.decode(inner)]
 
 
+def _parse_param(path: str, spec: Any) -> Param:
+    section = path.split(".")[0]
+    if section not in SEARCHABLE_SECTIONS:
+        raise ConfigError(
+            f"search.space.{path}: only {', '.join(SEARCHABLE_SECTIONS)} keys can be searched"
+        )
+    if not is_config_key(path.split(".")):
+        raise ConfigError(f"search.space.{path}: no such config key")
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"search.space.{path}: expected one of {{{', '.join(KINDS)}: ...}}")
+    ((kind, args),) = spec.items()
+    if kind not in KINDS:
+        raise ConfigError(
+            f"search.space.{path}: unknown type {kind!r}; use one of {', '.join(KINDS)}"
+        )
+    return Param(path, kind, _check_args(path, kind, args))
+
+
+def checked_config(raw: dict, values: dict[str, Any]) -> Config:
+    """The config a trial with these values gets, put through every check a base config gets
+    before Ray starts (schema, sizes, divisibility, the model's shape and memory)."""
+    raw = copy.deepcopy(raw)
+    for path, value in values.items():
+        set_dotted(raw, path.split("."), value)
+    cfg = validate_config(raw, "search.space")
+    check_trainable(cfg, IMAGE_SHAPE)
+    return cfg
+
+
 def parse_space(cfg: Config) -> list[Param]:
-    """Check cfg.search.space against the config schema; every error names the key and reason."""
+    """Check cfg.search.space against the config schema; every error names the key and reason.
+
+    Every choice and both ends of every range are checked alone; when the space is small enough,
+    every combination of them too (batch 64 with 3 workers fails only together)."""
     params = []
     base = cfg.model_dump(mode="json")
     for path, spec in cfg.search.space.items():
-        section = path.split(".")[0]
-        if section not in SEARCHABLE_SECTIONS:
-            raise ConfigError(
-                f"search.space.{path}: only {', '.join(SEARCHABLE_SECTIONS)} keys can be searched"
-            )
-        if not is_config_key(path.split(".")):
-            raise ConfigError(f"search.space.{path}: no such config key")
-        if not isinstance(spec, dict) or len(spec) != 1:
-            raise ConfigError(f"search.space.{path}: expected one of {{{', '.join(KINDS)}: ...}}")
-        ((kind, args),) = spec.items()
-        if kind not in KINDS:
-            raise ConfigError(
-                f"search.space.{path}: unknown type {kind!r}; use one of {', '.join(KINDS)}"
-            )
-        param = Param(path, kind, _check_args(path, kind, args))
+        param = _parse_param(path, spec)
         checked = []
         for value in _samples(param):
             try:
-                cfg_with_value = with_override(base, path, value)
-                if section == "model":
-                    ConvVAE(cfg_with_value.model, IMAGE_SHAPE)  # e.g. too many layers for 28x28
+                cfg_with_value = checked_config(base, {path: value})
             except ConfigError as exc:
-                reason = str(exc).split(": ", 2)[-1]
+                reason = str(exc).removeprefix("search.space: ")
                 raise ConfigError(
-                    f"search.space.{path}: {kind} value {value!r}: {reason}"
+                    f"search.space.{path}: {param.kind} value {value!r}: {reason}"
                 ) from None
             checked.append(get_dotted(cfg_with_value.model_dump(mode="json"), path))
-        if kind == "choice":
+        if param.kind == "choice":
             # Choices as the config types them ("1e-3" -> 0.001), so every trial row agrees.
-            param = Param(path, kind, _check_args(path, kind, checked))
+            param = Param(path, param.kind, _check_args(path, param.kind, checked))
         params.append(param)
+    _check_combinations(base, params)
     return params
+
+
+def sample_combinations(params: list[Param]) -> list[dict[str, Any]] | None:
+    """Every combination of the values that stand for each parameter, or None when there are
+    more than MAX_COMBINATIONS of them."""
+    grids = [[(p.path, v) for v in _samples(p)] for p in params]
+    if math.prod(len(g) for g in grids) > MAX_COMBINATIONS:
+        return None
+    return [dict(combo) for combo in itertools.product(*grids)]
+
+
+def _check_combinations(base: dict, params: list[Param]) -> None:
+    for values in sample_combinations(params) or []:
+        try:
+            checked_config(base, values)
+        except ConfigError as exc:
+            reason = str(exc).removeprefix("search.space: ")
+            where = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            raise ConfigError(f"search.space: the trial {where}: {reason}") from None
+
+
+def trial_configs(cfg: Config, params: list[Param]) -> list[Config]:
+    """Configs that stand for the trials the space can propose: every combination of each
+    parameter's extremes when that is small, else each parameter's extremes alone."""
+    base = cfg.model_dump(mode="json")
+    combos = sample_combinations(params)
+    if combos is None:
+        combos = [{p.path: v} for p in params for v in _samples(p)]
+    return [checked_config(base, values) for values in combos] or [cfg]
 
 
 def get_dotted(raw: dict, path: str) -> Any:
     for part in path.split("."):
         raw = raw[part]
     return raw
-
-
-def with_override(raw: dict, path: str, value: Any) -> Config:
-    """A validated Config: a copy of raw with one dotted key set to value."""
-    raw = copy.deepcopy(raw)
-    set_dotted(raw, path.split("."), value)
-    return validate_config(raw, f"search.space.{path}")
 
 
 def trial_config(base: Config, params: list[Param], sampled: dict[str, Any]) -> Config:

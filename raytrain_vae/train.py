@@ -33,6 +33,7 @@ from raytrain_vae.config import (
     UserError,
     dump_config,
     read_yaml_mapping,
+    stream_seed,
     validate_config,
 )
 from raytrain_vae.data import (
@@ -46,8 +47,9 @@ from raytrain_vae.data import (
 )
 from raytrain_vae.export import ExportError, load_weights, save_weights
 from raytrain_vae.heap import retain_freed_memory
-from raytrain_vae.model import ConvVAE
+from raytrain_vae.model import ConvVAE, check_trainable
 from raytrain_vae.objectives import bits_per_dim, elbo_terms, kl_weight, training_loss
+from raytrain_vae.runtime import init_ray, require_resources
 from raytrain_vae.shm_allreduce import shared_memory_all_reduce
 
 MODEL_FILE = "model.safetensors"
@@ -56,6 +58,7 @@ STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 EVAL_BATCH = 1024
+CONTROLLER_RETRIES = 2
 
 
 def _all_reduce(values: list[float] | torch.Tensor, op: str, device: torch.device) -> torch.Tensor:
@@ -233,6 +236,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state = _load_checkpoint(Path(folder), model, optimizer, cfg, device)
         if rank == 0:
             _log(f"resumed from {checkpoint.path} after epoch {state['epoch']}")
+        if state["epoch"] >= cfg.train.epochs:
+            _report_finished_run(state, model, optimizer, cfg, rank)
+            return
     ddp_model = ray.train.torch.prepare_model(model)
     if world > 1 and device.type == "cpu" and cfg.scaling.shared_memory_allreduce:
         reducer = shared_memory_all_reduce(
@@ -262,8 +268,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _fail_once_if_asked(epoch + 1, rank)
         epoch_start = time.perf_counter()
         # Every random stream is a function of (seed, epoch, rank): a resumed epoch replays exactly.
-        torch.manual_seed(cfg.train.seed * 7919 + epoch * 104729 + rank)
-        binarizer.manual_seed(cfg.train.seed * 15485863 + epoch * 32452843 + rank)
+        torch.manual_seed(stream_seed(cfg.train.seed * 7919 + epoch * 104729 + rank))
+        binarizer.manual_seed(stream_seed(cfg.train.seed * 15485863 + epoch * 32452843 + rank))
         idx = shard_indices(len(train_images), rank, world, epoch, cfg.train.seed).to(device)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, recon, kl: summed
         n_seen = 0
@@ -334,6 +340,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
 
+def _report_finished_run(
+    state: dict, model: ConvVAE, optimizer: torch.optim.Optimizer, cfg: Config, rank: int
+) -> None:
+    """Report a run that resumed after its last epoch again, epoch by epoch, ending with its
+    final checkpoint. A search restored after its driver died re-runs a trial whose end it had
+    not recorded; reporting nothing would show that trial as having trained no epoch."""
+    for i, metrics in enumerate(state["history"]):
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0 and i == len(state["history"]) - 1:
+                _save_checkpoint(Path(tmp), model, optimizer, state, cfg)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
 def format_metrics(m: dict, epochs: int) -> str:
     """One readable line per epoch; every loss is nats per image."""
     return (
@@ -382,7 +403,11 @@ def build_trainer(
                 checkpoint_score_attribute=score[0],
                 checkpoint_score_order=score[1],
             ),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            # A worker group that cannot start (no room on the cluster) is a controller failure,
+            # which Ray retries forever by default; resources are checked before fit().
+            failure_config=FailureConfig(
+                max_failures=cfg.run.max_failures, controller_failure_limit=CONTROLLER_RETRIES
+            ),
             callbacks=callbacks,
             logging_config=LoggingConfig(log_level=cfg.run.log_level),
         ),
@@ -403,35 +428,31 @@ def user_error_from(exc: ray.train.TrainingFailedError) -> UserError | None:
     return None
 
 
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, or start an embedded local Ray."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-
-
-def check_fits_local_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
-    """On a Ray this process started itself (no autoscaler to add nodes), a request larger than
-    the machine would wait forever for resources: refuse it instead."""
-    if os.environ.get("RAY_ADDRESS"):
-        return
+def worker_bundles(cfg: Config, extra_cpus: float = 0.0) -> list[dict[str, float]]:
+    """The resources of one run: a bundle per worker, plus extra_cpus (a Tune trial's own)."""
     s = cfg.scaling
-    have = ray.cluster_resources()
-    cpus = s.num_workers * s.cpus_per_worker + extra_cpus
-    gpus = s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0
-    for kind, need, key in (("CPU", cpus, "cpus_per_worker"), ("GPU", gpus, "gpus_per_worker")):
-        if need > have.get(kind, 0.0) + 1e-9:
-            extra = f" + {extra_cpus:g} for the trial" if extra_cpus and kind == "CPU" else ""
-            raise ConfigError(
-                f"scaling: {s.num_workers} worker(s) x {getattr(s, key):g} {kind}s{extra} = "
-                f"{need:g} {kind}s, but this machine's Ray has {have.get(kind, 0.0):g}; lower "
-                f"scaling.num_workers or scaling.{key}"
-            )
+    bundle = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    return [dict(bundle) for _ in range(s.num_workers)] + ([{"CPU": extra_cpus}] * (extra_cpus > 0))
+
+
+def require_worker_resources(cfg: Config, extra_cpus: float = 0.0) -> None:
+    """Refuse (or, on an autoscaling cluster, wait a bounded time for) a run whose workers the
+    cluster cannot hold: otherwise Ray waits for them forever."""
+    s = cfg.scaling
+    gpus = f" x {s.gpus_per_worker:g} GPU" if s.use_gpu else ""
+    trial = f" + {extra_cpus:g} CPU for the trial" if extra_cpus else ""
+    what = f"scaling: {s.num_workers} worker(s) x {s.cpus_per_worker:g} CPU{gpus}{trial}"
+    fix = "lower scaling.num_workers, scaling.cpus_per_worker" + (
+        " or scaling.gpus_per_worker (or set scaling.use_gpu=false)" if s.use_gpu else ""
+    )
+    require_resources(worker_bundles(cfg, extra_cpus), what, fix, s.resource_wait_s)
 
 
 def preflight(cfg: Config) -> None:
-    """Fail fast, before Ray starts, on what the driver can check: the model fits the images and,
-    when Ray runs embedded on this machine, the data is here (downloaded once, not per worker)."""
-    ConvVAE(cfg.model, IMAGE_SHAPE)
+    """Fail fast, before Ray starts, on what the driver can check: the model fits the images and
+    this machine's memory, paths are usable, and, when Ray runs embedded on this machine, the
+    data is here (downloaded once, not per worker)."""
+    check_trainable(cfg, IMAGE_SHAPE)
     check_writable(cfg.resolved_storage_path(), "run.storage_path")
     check_resumable(cfg)
     if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
@@ -439,12 +460,17 @@ def preflight(cfg: Config) -> None:
 
 
 def check_writable(path: str, key: str) -> None:
-    """A local folder we can create and write a file in (URIs are left to pyarrow)."""
+    """A local folder we can write in, or create in the nearest existing folder above it; nothing
+    is created here (URIs are left to pyarrow)."""
     if "://" in path:
         return
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{key} {path}: not writable ({folder} is not a folder)")
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
             pass
     except OSError as exc:
         raise ConfigError(f"{key} {path}: not writable ({exc.strerror or exc})") from None
@@ -454,7 +480,7 @@ def fit(cfg: Config) -> Result:
     """Run (or resume, if run.name has checkpoints) one distributed training run."""
     preflight(cfg)
     init_ray()
-    check_fits_local_ray(cfg)
+    require_worker_resources(cfg)
     try:
         return build_trainer(cfg).fit()
     except ray.train.TrainingFailedError as exc:

@@ -19,13 +19,14 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raytrain_vae.cli import config_parser, run_cli
 from raytrain_vae.config import Config, ConfigError, load_config, validate_config
-from raytrain_vae.export import export_model
-from raytrain_vae.search_space import Param, parse_space, trial_config
+from raytrain_vae.export import EXPORT_KIND, export_model
+from raytrain_vae.outputs import check_output_dir
+from raytrain_vae.runtime import init_ray
+from raytrain_vae.search_space import Param, parse_space, trial_config, trial_configs
 from raytrain_vae.train import (
     build_trainer,
-    check_fits_local_ray,
-    init_ray,
     preflight,
+    require_worker_resources,
     user_error_from,
 )
 
@@ -67,6 +68,16 @@ def concurrent_trials(cfg: Config) -> int:
     if s.use_gpu:
         fits = min(fits, resources.get("GPU", 0) // (s.num_workers * s.gpus_per_worker))
     return max(1, int(fits))
+
+
+def _largest_trial(configs: list[Config]) -> Config:
+    """The trial config that asks for the most CPUs, then GPUs: if it fits, every trial does."""
+
+    def need(c: Config) -> tuple[float, float]:
+        s = c.scaling
+        return s.num_workers * s.cpus_per_worker, s.num_workers * s.gpus_per_worker * s.use_gpu
+
+    return max(configs, key=need)
 
 
 def make_searcher(cfg: Config, params: list[Param]) -> OptunaSearch:
@@ -240,7 +251,8 @@ def search(cfg: Config, resume: bool = False) -> tuple[pd.DataFrame, Path]:
     params = parse_space(cfg)
     if not params:
         raise ConfigError("search.space is empty: name at least one config key to search")
-    cfg.resolved_export_dir()  # a URI storage needs an explicit export.dir: fail before Ray
+    # A URI storage needs an explicit export.dir, and it must be ours to replace: before Ray.
+    check_output_dir(cfg.resolved_export_dir(), "export.dir", EXPORT_KIND)
     path = experiment_path(cfg)
     exists = tune.Tuner.can_restore(path)
     if exists and not resume:
@@ -250,8 +262,9 @@ def search(cfg: Config, resume: bool = False) -> tuple[pd.DataFrame, Path]:
     if resume and not exists:
         raise ConfigError(f"--resume: no experiment to resume at {path}")
     preflight(cfg)
+    largest = _largest_trial(trial_configs(cfg, params))
     init_ray()
-    check_fits_local_ray(cfg, TRIAL_DRIVER_CPUS)
+    require_worker_resources(largest, TRIAL_DRIVER_CPUS)
     if resume:
         tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, params), resume_errored=True)
     else:

@@ -356,7 +356,8 @@ def test_cli_evaluates_an_exported_model(exported, tmp_path):
     proc, stdout, stderr = results["good"]
     assert proc.returncode == 0, stderr
     metrics = json.loads(stdout)
-    assert set(metrics) == ELBO_KEYS | IWAE_KEYS | {"split", "dataset", "binarize", "seconds"}
+    info = {"split", "dataset", "binarize", "seconds", "written_by"}
+    assert set(metrics) == ELBO_KEYS | IWAE_KEYS | info
     assert metrics["images"] == 8 and metrics["iwae_k"] == 4
     assert metrics["split"] == "test" and metrics["dataset"] == "mnist"
     assert metrics["binarize"] == "static" and metrics["seconds"] >= 0

@@ -43,6 +43,7 @@ EXPORT_FILES = {
     "samples.png",
     "reconstructions.png",
     "README.md",
+    ".raytrain_vae-output",  # the marker that lets a later export replace this one
 }
 METRICS = {
     "epoch": 3,
@@ -415,7 +416,7 @@ def test_disk_full_during_export_leaves_the_previous_export_intact(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(export_module, "save_weights", full)
-    with pytest.raises(ExportError, match="No space left on device"):
+    with pytest.raises(UserError, match="No space left on device"):
         export_model(ckpt, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name] == []
@@ -426,5 +427,5 @@ def test_unwritable_export_dir_is_a_clear_error(tmp_path, data_root):
     make_checkpoint(ckpt, make_cfg(data_root))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(ExportError, match="not writable"):
+    with pytest.raises(UserError, match="not writable"):
         export_model(ckpt, blocker / "export")

@@ -12,6 +12,7 @@ from raytrain_vae.config import dump_config, load_config
 from raytrain_vae.export import save_weights
 from raytrain_vae.images import interpolation_grid, latent_map, main
 from raytrain_vae.model import ConvVAE
+from raytrain_vae.outputs import MARKER
 
 
 def tiny_model(latent_dim: int) -> ConvVAE:
@@ -71,5 +72,11 @@ def test_images_cli_writes_every_picture(tmp_path):
         == 0
     )
     names = {p.name for p in (tmp_path / "png").iterdir()}
-    assert names == {"samples.png", "reconstructions.png", "interpolations.png", "latent_map.png"}
+    assert names == {
+        "samples.png",
+        "reconstructions.png",
+        "interpolations.png",
+        "latent_map.png",
+        MARKER,
+    }
     assert Image.open(tmp_path / "png" / "samples.png").size == (3 * 30 + 2, 3 * 30 + 2)

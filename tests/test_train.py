@@ -114,3 +114,13 @@ def test_resumed_run_continues_at_next_epoch(runs):
     expected = history_of(full)[2]
     for key in ("train_loss", "val_neg_elbo", "val_recon", "val_kl"):
         assert history[2][key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+def test_a_finished_run_run_again_reports_its_history_and_final_checkpoint(runs):
+    # What a restored search does to a trial that finished before its driver died.
+    tmp, full, _, _ = runs
+    again = fit(tiny_config(tmp, "full", epochs=3))
+    assert again.metrics is not None and again.metrics["epoch"] == 3
+    assert again.metrics["val_neg_elbo"] == history_of(full)[-1]["val_neg_elbo"]
+    assert history_of(again) == history_of(full)
+    assert Path(again.checkpoint.path) != Path(full.checkpoint.path)

@@ -180,3 +180,29 @@ def test_head_dashboard_needs_the_token_and_listens_on_loopback_only(ray_head):
         if c.status == psutil.CONN_LISTEN and c.laddr.port == port
     }
     assert listening == {"127.0.0.1"}, listening
+
+
+def test_job_asking_for_more_workers_than_a_fixed_cluster_holds_fails_fast(ray_head, tmp_path):
+    # A plain `ray start --head` has no autoscaler: nothing will ever add the missing CPUs.
+    config = write_search_config(tmp_path, "toolarge", num_samples=1)
+    env = clean_env()
+    env["RAY_AUTH_MODE"] = "token"
+    start = time.monotonic()
+    submit = subprocess.run(
+        [
+            str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+            "--", "python", "-m", "raytrain_vae.train", str(config), "scaling.num_workers=4",
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = submit.stdout + submit.stderr
+    assert submit.returncode != 0, out[-3000:]
+    # `ray job submit` shows the job's log as it runs and again when the job fails.
+    errors = {line for line in out.splitlines() if line.startswith("error: ")}
+    assert errors == {
+        "error: scaling: 4 worker(s) x 1 CPU needs 4 CPU, but the cluster has 2 CPU "
+        "(a cluster without an autoscaler); lower scaling.num_workers, scaling.cpus_per_worker"
+    }, out[-3000:]
+    assert "Traceback" not in out
+    assert time.monotonic() - start < 120
+    assert not (tmp_path / "runs" / "toolarge").exists()

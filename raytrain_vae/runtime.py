@@ -1,0 +1,117 @@
+"""Ray start-up, and whether the cluster can hold a request: refuse at once, or wait (bounded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import ray
+from ray.autoscaler.sdk import request_resources
+
+from raytrain_vae.config import UserError
+
+POLL_S = 5.0
+
+
+class ResourceError(UserError):
+    """A request for CPUs or GPUs the cluster does not hold and will not get."""
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS, or start an embedded local Ray."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def embedded() -> bool:
+    """Whether this process runs its own local Ray (no RAY_ADDRESS): nothing can add nodes."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
+def shortfall(need: dict[str, float], have: dict[str, float]) -> dict[str, float]:
+    """The resources of `need` that `have` does not cover (a small tolerance for fractions)."""
+    return {k: v for k, v in need.items() if v > 0 and v > have.get(k, 0.0) + 1e-9}
+
+
+def describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items())) or "nothing"
+
+
+def autoscaler_limits() -> dict[str, float] | None:
+    """What an autoscaler could grow the cluster to: {} when the cluster cannot grow (plain
+    `ray start` nodes), the most it can hold when the autoscaler published that, None when it
+    cannot be told (then we wait, bounded).
+
+    Ray has no public API for this; both private reads live here, and tests/test_runtime.py
+    fails loudly if a Ray upgrade removes them."""
+    try:
+        from ray._private.state import state
+        from ray.experimental.internal_kv import _internal_kv_get
+    except ImportError:
+        return None
+    try:
+        limits = state.get_max_resources_from_cluster_config()  # autoscaler v2 (KubeRay ...)
+        if limits:
+            return {k: float(v) for k, v in limits.items()}
+        status = _internal_kv_get("__autoscaling_status")  # written by the v1 monitor
+        report = json.loads(status)["autoscaler_report"] if status else None
+    except Exception:  # a private format that changed: fall back to the bounded wait
+        return None
+    mapping = (report or {}).get("node_type_mapping") or {}
+    # Without an autoscaling config the monitor mirrors each node as its own type "node_<id>".
+    if mapping and all(kind == f"node_{node}" for node, kind in mapping.items()):
+        return {}
+    return None
+
+
+def total(bundles: list[dict[str, float]]) -> dict[str, float]:
+    """The sum of resource bundles, e.g. one per worker."""
+    summed: dict[str, float] = {}
+    for bundle in bundles:
+        for k, v in bundle.items():
+            summed[k] = summed.get(k, 0.0) + v
+    return summed
+
+
+def require_resources(bundles: list[dict[str, float]], what: str, fix: str, wait_s: float) -> None:
+    """Return once the cluster holds these bundles (e.g. one per worker: {"CPU": 1, "GPU": 1});
+    otherwise fail at once where nothing can add nodes, or ask the autoscaler and wait up to
+    wait_s seconds."""
+    need = total(bundles)
+    if not shortfall(need, ray.cluster_resources()):
+        return
+    _refuse_if_cannot_grow(need, what, fix)
+    print(f"waiting up to {wait_s:g} s for the autoscaler: {what} needs {describe(need)}")
+    request_resources(bundles=bundles)
+    try:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+            if not shortfall(need, ray.cluster_resources()):
+                return
+            # A monitor that just started may not have said yet that it cannot scale.
+            _refuse_if_cannot_grow(need, what, fix)
+    finally:
+        request_resources(bundles=[])  # withdraw the request either way
+    have = _only(ray.cluster_resources(), need)
+    raise ResourceError(
+        f"waited {wait_s:g} s for the autoscaler to add {describe(need)} for {what}; "
+        f"the cluster still has {describe(have)}; {fix}"
+    )
+
+
+def _refuse_if_cannot_grow(need: dict[str, float], what: str, fix: str) -> None:
+    missing = shortfall(need, ray.cluster_resources())
+    have = describe(_only(ray.cluster_resources(), need))
+    line = f"{what} needs {describe(missing)}, but the cluster has {have}"
+    limits = {} if embedded() else autoscaler_limits()
+    if limits == {}:
+        place = "this machine's Ray" if embedded() else "a cluster without an autoscaler"
+        raise ResourceError(f"{line} ({place}); {fix}")
+    if limits and shortfall(need, limits):
+        raise ResourceError(f"{line}, and its autoscaler can add at most {describe(limits)}; {fix}")
+
+
+def _only(have: dict[str, float], need: dict[str, float]) -> dict[str, float]:
+    return {k: have.get(k, 0.0) for k in need if need[k] > 0}
