@@ -24,7 +24,8 @@ import torch
 
 from raytrain_vae.config import dump_config, load_config
 from raytrain_vae.export import save_weights
-from raytrain_vae.generate import fixed_size_list, latents_for, png_bytes, sample, to_uint8
+from raytrain_vae.generate import latents_for, png_bytes, sample, to_uint8
+from raytrain_vae.inputs import fixed_size_list
 from raytrain_vae.model import ConvVAE
 
 

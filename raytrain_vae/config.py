@@ -29,6 +29,7 @@ WIDTH_LIMIT = 2**20
 # A config document may expand (through YAML aliases) to at most this many values, this deep.
 YAML_MAX_VALUES = 100_000
 YAML_MAX_DEPTH = 50
+CONFIG_MAX_BYTES = 2**20
 
 
 def stream_seed(value: int) -> int:
@@ -47,6 +48,11 @@ def _local_or_uri_path(value: str) -> str:
         raise ValueError("must not be empty")
     if "\0" in value:
         raise ValueError("must not contain a NUL byte")
+    if "://" not in value:
+        try:
+            Path(value).expanduser()
+        except RuntimeError:  # ~someone who has no home here
+            raise ValueError(f"cannot expand {value[:60]!r}: no such user") from None
     return value
 
 
@@ -464,7 +470,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for text in overrides:
         path, value = parse_override(text)
         if not is_config_key(path):
-            raise ConfigError(f"override {'.'.join(path)}: unknown key")
+            raise ConfigError(f"override {_clip('.'.join(path))}: unknown key")
         set_dotted(raw, path, value)
     return raw
 
@@ -486,11 +492,16 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{_short(str(path))}: a config path cannot contain a NUL byte")
     path = Path(path)
     try:
+        # Checked before reading: a FIFO would block, /dev/zero would never end.
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder, not a config file")
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path}: not a regular file")
+        if path.exists() and path.stat().st_size > CONFIG_MAX_BYTES:
+            raise ConfigError(f"{path}: larger than {CONFIG_MAX_BYTES // 2**20} MiB")
         data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a config file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:

@@ -13,10 +13,11 @@ import torch
 from torchvision.datasets import MNIST, FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from raytrain_vae.config import DataConfig, UserError, stream_seed
+from raytrain_vae.config import Config, ConfigError, DataConfig, UserError, stream_seed
 
 DATASETS: dict[str, type[MNIST]] = {"mnist": MNIST, "fashion_mnist": FashionMNIST}
 IMAGE_SHAPE = (1, 28, 28)  # (C, H, W) of every dataset above
+TRAIN_SPLIT_IMAGES = {"mnist": 60_000, "fashion_mnist": 60_000}
 # Distribution packages that ship the IDX files (Debian: `apt-get install dataset-fashion-mnist`).
 SYSTEM_DIRS: dict[str, list[str]] = {
     "mnist": ["/usr/share/datasets/mnist"],
@@ -129,6 +130,17 @@ def _read_idx(path: Path, reader, cache_dir: Path) -> torch.Tensor:
 def _bernoulli_u8(images: torch.Tensor, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.bernoulli(images.float() / 255, generator=g).to(torch.uint8) * 255
+
+
+def check_split_fits(cfg: Config) -> None:
+    """Refuse, before Ray starts, a validation fraction that leaves a worker no training image
+    (data.limit is checked with the config; this covers the whole training split)."""
+    n_train, _ = cfg.data.split_sizes(TRAIN_SPLIT_IMAGES[cfg.data.dataset])
+    if n_train < cfg.scaling.num_workers:
+        raise ConfigError(
+            f"data.val_fraction={cfg.data.val_fraction:g} leaves {n_train} training image(s) of "
+            f"{cfg.data.dataset}, fewer than scaling.num_workers={cfg.scaling.num_workers}"
+        )
 
 
 def ensure_files(cfg: DataConfig) -> dict[str, Path]:

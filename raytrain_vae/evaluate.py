@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_args(args)
     device = parse_device(args.device)
-    output = check_output_file(args.output, "--output", WRITTEN_BY) if args.output else None
+    output = None if args.output is None else check_output_file(args.output, "--output", WRITTEN_BY)
 
     model, cfg = load_export(args.model)
     check_fits_memory(

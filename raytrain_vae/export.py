@@ -56,7 +56,10 @@ def load_export(
     directory = Path(directory)
     weights = directory / MODEL_FILE
     if not directory.is_dir():
-        raise ExportError(f"{directory}: no such model directory")
+        missing = (
+            "a file, not a model directory" if directory.exists() else "no such model directory"
+        )
+        raise ExportError(f"{directory}: {missing}")
     if not weights.is_file() or not (directory / CONFIG_FILE).is_file():
         raise ExportError(
             f"{directory}: not a model directory (needs {MODEL_FILE} and {CONFIG_FILE})"

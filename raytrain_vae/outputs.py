@@ -68,6 +68,7 @@ def check_output_dir(text: str | Path, what: str, kind: str, replace: bool = Tru
     if reason:
         raise OutputError(f"{what} {path} {reason}: refusing to replace it; name a new folder")
     if not path.exists() and not path.is_symlink():
+        _check_creatable(path, what)
         return path
     if not path.is_dir() or path.is_symlink():
         raise OutputError(f"{what} {path} exists and is not a folder: name a new folder")
@@ -86,6 +87,17 @@ def check_output_dir(text: str | Path, what: str, kind: str, replace: bool = Tru
     if not replace:
         raise OutputError(f"{what} {path} exists: pass --overwrite to replace it")
     return path
+
+
+def _check_creatable(path: Path, what: str) -> None:
+    """The nearest existing folder above a new output is a folder we may write in."""
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise OutputError(f"{what} {path}: {above} is not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {path}: {above} is not writable")
 
 
 def _make_shareable(folder: Path) -> None:

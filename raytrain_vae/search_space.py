@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 
 from raytrain_vae.config import Config, ConfigError, is_config_key, set_dotted, validate_config
-from raytrain_vae.data import IMAGE_SHAPE
+from raytrain_vae.data import IMAGE_SHAPE, check_split_fits
 from raytrain_vae.model import check_trainable
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "quniform", "qloguniform")
@@ -142,6 +142,7 @@ def checked_config(raw: dict, values: dict[str, Any]) -> Config:
         set_dotted(raw, path.split("."), value)
     cfg = validate_config(raw, "search.space")
     check_trainable(cfg, IMAGE_SHAPE)
+    check_split_fits(cfg)
     return cfg
 
 

@@ -39,6 +39,7 @@ from raytrain_vae.config import (
 from raytrain_vae.data import (
     IMAGE_SHAPE,
     Splits,
+    check_split_fits,
     ensure_files,
     eval_indices,
     load_splits,
@@ -453,6 +454,7 @@ def preflight(cfg: Config) -> None:
     this machine's memory, paths are usable, and, when Ray runs embedded on this machine, the
     data is here (downloaded once, not per worker)."""
     check_trainable(cfg, IMAGE_SHAPE)
+    check_split_fits(cfg)
     check_writable(cfg.resolved_storage_path(), "run.storage_path")
     check_resumable(cfg)
     if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():

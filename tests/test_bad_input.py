@@ -6,6 +6,7 @@ subprocess (test_bad_input_e2e.py)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,15 @@ def test_config_path_that_is_a_folder_or_holds_a_nul(sandbox, capsys):
     assert_refused(sandbox, capsys, train.main, ["a\0b.yaml"], "NUL")
 
 
+def test_config_path_that_never_ends_or_blocks(sandbox, capsys, tmp_path):
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # reading it would wait forever for a writer
+    assert_refused(sandbox, capsys, train.main, [str(fifo)], "not a regular file")
+    assert_refused(sandbox, capsys, train.main, ["/dev/zero"], "not a regular file")
+    big = write(sandbox, "big.yaml", b"train:\n  lr: 0.001\n" + b"#" * 2**21)
+    assert_refused(sandbox, capsys, train.main, [big], "larger than 1 MiB")
+
+
 # --- values: numbers, seeds, sizes, paths (findings 4, 5, 6) ---------------------------------
 
 OVERRIDE_CASES: dict[str, tuple[str, list[str], str]] = {
@@ -174,6 +184,13 @@ OVERRIDE_CASES: dict[str, tuple[str, list[str], str]] = {
         "fewer than scaling.num_workers=2",
     ),
     "storage-below-a-file": ("train", ["run.storage_path=a-file/runs"], "not writable"),
+    "home-of-no-user": ("train", ["data.root=~no-such-user-here/data"], "no such user"),
+    "newline-in-key": ("train", ["train.l\nr=1"], "train.l\\nr: unknown key"),
+    "val-fraction-leaves-nothing": (
+        "train",
+        ["data.limit=null", "data.val_fraction=0.99999", "scaling.num_workers=2"],
+        "leaves 1 training image(s) of fashion_mnist",
+    ),
     "empty-storage-path": ("train", ['run.storage_path=""'], "must not be empty"),
     "optuna-seed": ("tune", ["search.algorithm.seed=4294967296"], "search.algorithm.seed"),
     "searched-limit": (
@@ -252,6 +269,7 @@ GENERATE_CASES: dict[str, tuple[list[str], str]] = {
     "output-is-a-file": (["--output", "a-file"], "not a folder"),
     "output-exists": (["--output", "model"], "did not write"),
     "output-nul": (["--output", "a\0b"], "NUL"),
+    "output-below-a-file": (["--output", "a-file/out"], "a-file is not a folder"),
     "model-nul": (["--model", "a\0b"], "NUL"),
     "model-missing": (["--model", "nowhere"], "no such model directory"),
 }
@@ -326,6 +344,7 @@ EVALUATE_CASES: dict[str, tuple[list[str], str]] = {
     "output-is-a-folder": (["--output", "mine"], "is a folder"),
     "output-someone-elses-file": (["--output", "mine/notes.txt"], "was not written by"),
     "output-below-a-file": (["--output", "a-file/metrics.json", "--k", "2"], "cannot write"),
+    "output-empty": (["--output", ""], "empty path"),
 }
 
 

@@ -19,7 +19,8 @@ from PIL import Image
 from raytrain_vae import generate
 from raytrain_vae.config import UserError, dump_config, load_config
 from raytrain_vae.export import load_model, save_weights
-from raytrain_vae.generate import encode_images, latents_for, png_bytes, read_inputs, sample
+from raytrain_vae.generate import encode_images, latents_for, png_bytes, sample
+from raytrain_vae.inputs import read_inputs
 from raytrain_vae.model import ConvVAE
 
 REPO = Path(__file__).resolve().parents[1]
