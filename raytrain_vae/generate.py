@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import math
 import sys
 import time
@@ -191,7 +192,7 @@ def _write_job(dataset_fn, actor: type, kwargs: dict, out: Path, options: JobOpt
         "lower --concurrency or --num-gpus",
         options.resource_wait_s,
     )
-    with staged_dir(out, "--output", OUTPUT_KIND) as tmp, _job_context(options):
+    with staged_dir(out, "--output", OUTPUT_KIND) as tmp, job_context(options):
         dataset_fn().map_batches(
             actor,
             fn_constructor_kwargs=kwargs,
@@ -205,15 +206,27 @@ def _write_job(dataset_fn, actor: type, kwargs: dict, out: Path, options: JobOpt
     return rows
 
 
+# Ray Data logs the traceback of an exception it does not wrap as a UserCodeException; the CLI
+# prints the error's one line instead.
+RAY_DATA_ERROR_LOGGERS = (
+    "ray.data._internal.execution.streaming_executor_state",
+    "ray.data.exceptions",
+)
+
+
 @contextmanager
-def _job_context(options: JobOptions) -> Iterator[None]:
+def job_context(options: JobOptions) -> Iterator[None]:
     """Ray Data settings for one job, restored afterwards: an actor's UserError reaches the CLI
-    as itself (not as a UserCodeException that drops it), and actors that cannot start fail
-    after a bounded wait instead of never."""
+    as itself (a UserCodeException would drop it on the way from the worker), and actors that
+    cannot start fail after a bounded wait instead of never."""
     ctx = ray.data.DataContext.get_current()
     saved = ctx.raise_original_map_exception, ctx.wait_for_min_actors_s
+    loggers = [logging.getLogger(name) for name in RAY_DATA_ERROR_LOGGERS]
+    levels = [logger.level for logger in loggers]
     ctx.raise_original_map_exception = True
     ctx.wait_for_min_actors_s = max(60, int(options.resource_wait_s))
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     except ray.exceptions.GetTimeoutError:
@@ -223,6 +236,8 @@ def _job_context(options: JobOptions) -> Iterator[None]:
         ) from None
     finally:
         ctx.raise_original_map_exception, ctx.wait_for_min_actors_s = saved
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def sample(

@@ -11,6 +11,7 @@ import ray
 import raytrain_vae.runtime as runtime
 from raytrain_vae.cli import run_cli
 from raytrain_vae.config import UserError
+from raytrain_vae.generate import JobOptions, job_context
 from raytrain_vae.runtime import ResourceError, autoscaler_limits, require_resources
 
 pytestmark = pytest.mark.slow
@@ -93,12 +94,8 @@ def test_a_user_error_inside_ray_data_is_one_line(ray_local, capsys):
         raise UserError("batch of ids: bad pixels")
 
     def job() -> int:
-        ctx = ray.data.DataContext.get_current()
-        ctx.raise_original_map_exception = True  # as raytrain_vae.generate sets it
-        try:
+        with job_context(JobOptions()):  # the Ray Data settings of every generate job
             ray.data.range(4).map_batches(refuse, num_cpus=0.5).take_all()
-        finally:
-            ctx.raise_original_map_exception = False
         return 0
 
     assert run_cli(job) == 2
