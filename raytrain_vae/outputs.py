@@ -95,9 +95,9 @@ def _check_creatable(path: Path, what: str) -> None:
     while not above.exists() and above != above.parent:
         above = above.parent
     if not above.is_dir():
-        raise OutputError(f"{what} {path}: {above} is not a folder")
+        raise OutputError(f"{what} {path}: not writable ({above} is not a folder)")
     if not os.access(above, os.W_OK | os.X_OK):
-        raise OutputError(f"{what} {path}: {above} is not writable")
+        raise OutputError(f"{what} {path}: not writable ({above} is read-only to you)")
 
 
 def _make_shareable(folder: Path) -> None:

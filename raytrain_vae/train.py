@@ -433,7 +433,10 @@ def worker_bundles(cfg: Config, extra_cpus: float = 0.0) -> list[dict[str, float
     """The resources of one run: a bundle per worker, plus extra_cpus (a Tune trial's own)."""
     s = cfg.scaling
     bundle = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
-    return [dict(bundle) for _ in range(s.num_workers)] + ([{"CPU": extra_cpus}] * (extra_cpus > 0))
+    bundles = [dict(bundle) for _ in range(s.num_workers)]
+    if extra_cpus:
+        bundles.append({"CPU": extra_cpus})
+    return bundles
 
 
 def require_worker_resources(cfg: Config, extra_cpus: float = 0.0) -> None:
