@@ -50,34 +50,35 @@ def loads_or_refuses(path: Path | None, overrides: list[str] | None = None) -> N
         assert len(message) < 1000, message[:300]
 
 
-def write(data: bytes) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="fuzz-"))
-    (folder / "c.yaml").write_bytes(data)
-    return folder / "c.yaml"
+def load_file(data: bytes) -> None:
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as folder:
+        path = Path(folder) / "c.yaml"
+        path.write_bytes(data)
+        loads_or_refuses(path)
 
 
 @SETTINGS
 @given(st.binary(max_size=600))
 def test_random_bytes(data):
-    loads_or_refuses(write(data))
+    load_file(data)
 
 
 @SETTINGS
 @given(st.lists(st.sampled_from(TOKENS), max_size=40))
 def test_random_yaml_text(tokens):
-    loads_or_refuses(write("".join(tokens).encode("utf-8", "surrogatepass")))
+    load_file("".join(tokens).encode("utf-8", "surrogatepass"))
 
 
 @SETTINGS
 @given(st.dictionaries(keys, values, max_size=5))
 def test_random_nested_yaml(document):
-    loads_or_refuses(write(yaml.safe_dump(document).encode()))
+    load_file(yaml.safe_dump(document).encode())
 
 
 @SETTINGS
 @given(st.sampled_from(KEYS), st.dictionaries(keys, values, max_size=4))
 def test_random_sections(section, body):
-    loads_or_refuses(write(yaml.safe_dump({section: body}).encode()))
+    load_file(yaml.safe_dump({section: body}).encode())
 
 
 @SETTINGS
