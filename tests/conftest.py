@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny MNIST-style IDX datasets on disk, and no system dataset copies."""
+"""Shared test helpers: tiny MNIST-style IDX datasets on disk, no system dataset copies, and a
+module-wide local Ray."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 
 import raytrain_vae.data as data
 from raytrain_vae.data import FILES
@@ -61,3 +63,11 @@ def no_system_copies(monkeypatch, tmp_path):
     """Never find a dataset installed on this machine (e.g. /usr/share/datasets)."""
     for name in list(data.SYSTEM_DIRS):
         monkeypatch.setitem(data.SYSTEM_DIRS, name, [str(tmp_path / "no-system-copy" / name)])
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One real local Ray (2 CPUs) per test module: starting one takes 3 to 5 s."""
+    ray.init(num_cpus=2)
+    yield
+    ray.shutdown()

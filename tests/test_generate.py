@@ -39,13 +39,6 @@ def model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("retain", ["true", "false"])
 def test_cpu_actors_retain_freed_memory_as_the_model_config_says(tmp_path, monkeypatch, retain):
     cfg = load_config(None, ["model.channels=[4,8]", f"scaling.retain_freed_memory={retain}"])

@@ -17,13 +17,6 @@ from raytrain_vae.runtime import ResourceError, autoscaler_limits, require_resou
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 def test_the_private_ray_reads_still_exist():
     # autoscaler_limits falls back to a bounded wait when these go; this says so loudly.
     from ray._private.state import state

@@ -6,20 +6,12 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 
 from raytrain_vae.config import load_config
 from raytrain_vae.data import SYSTEM_DIRS
 from raytrain_vae.train import MODEL_FILE, fit, history_of
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def tiny_config(tmp_path: Path, name: str, epochs: int, *extra: str):

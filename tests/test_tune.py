@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
 import torch
 
 from raytrain_vae.config import load_config
@@ -45,13 +44,6 @@ def tiny_search_config(tmp_path: Path, name: str, extra: list[str]):
             *extra,
         ],
     )
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
