@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -30,6 +31,16 @@ def config_from_args(argv: list[str] | None, prog: str, description: str | None 
 
 
 MAX_LINE = 300
+
+
+def check_flag(flag: str, value: float | None, low: float, high: float) -> None:
+    """Refuse a flag's value outside [low, high], NaN and infinity included (None = not given)."""
+    if value is None:
+        return
+    if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
+        raise UserError(f"{flag} must be a number in [{low}, {high}] (got {value})")
+
+
 BUG_LINE = (
     "error: this is a bug in raytrain_vae, not a problem with your input: please report it on "
     "the raytrain_vae issue tracker with the command you ran and the traceback above"

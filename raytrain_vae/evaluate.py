@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from raytrain_vae.cli import run_cli
+from raytrain_vae.cli import check_flag, run_cli
 from raytrain_vae.config import SEED_LIMIT, UserError
 from raytrain_vae.data import load_splits, to_model_input
 from raytrain_vae.export import load_export
@@ -109,8 +109,7 @@ def check_args(args: argparse.Namespace) -> None:
         ("--limit", args.limit, 1, 2**40),
         ("--seed", args.seed, 0, SEED_LIMIT - 1),
     ):
-        if value is not None and not low <= value <= high:
-            raise UserError(f"{flag} must be in [{low}, {high}] (got {value})")
+        check_flag(flag, value, low, high)
 
 
 def parse_device(text: str) -> torch.device:

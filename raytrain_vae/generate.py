@@ -20,7 +20,7 @@ import ray
 import torch
 from PIL import Image
 
-from raytrain_vae.cli import run_cli
+from raytrain_vae.cli import check_flag, run_cli
 from raytrain_vae.config import SEED_LIMIT, UserError
 from raytrain_vae.export import load_export
 from raytrain_vae.heap import retain_freed_memory
@@ -154,19 +154,13 @@ class JobOptions:
             ("--num-gpus", self.num_gpus, 0, 64),
             ("--resource-wait-s", self.resource_wait_s, 0, 86_400),
         ):
-            check_number(flag, value, low, high)
-
-
-def check_number(flag: str, value: float, low: float, high: float) -> None:
-    """Refuse a flag's value outside [low, high], NaN and infinity included."""
-    if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
-        raise UserError(f"{flag} must be a number in [{low}, {high}] (got {value})")
+            check_flag(flag, value, low, high)
 
 
 def _check_job(output: str, options: JobOptions, seed: int) -> Path:
     """Options, seed and output folder checked before Ray starts; the resolved output."""
     options.check()
-    check_number("--seed", seed, 0, SEED_LIMIT - 1)
+    check_flag("--seed", seed, 0, SEED_LIMIT - 1)
     return check_output_dir(output, "--output", OUTPUT_KIND, replace=options.overwrite)
 
 
@@ -255,7 +249,7 @@ def sample(
 ) -> int:
     """Write num_samples generated rows as Parquet into output; returns the row count."""
     options = JobOptions(batch_size, concurrency, num_gpus, overwrite, resource_wait_s)
-    check_number("--num-samples", num_samples, 1, MAX_SAMPLES)
+    check_flag("--num-samples", num_samples, 1, MAX_SAMPLES)
     if not (math.isfinite(temperature) and temperature > 0):
         raise UserError(f"--temperature must be a finite number > 0 (got {temperature})")
     out = _check_job(output, options, seed)

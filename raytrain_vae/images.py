@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     """python -m raytrain_vae.images --model DIR --output DIR: every picture of a model."""
     import argparse  # the imports below are here because export.py imports this module
 
-    from raytrain_vae.config import SEED_LIMIT, UserError
+    from raytrain_vae.cli import check_flag
+    from raytrain_vae.config import SEED_LIMIT
     from raytrain_vae.data import load_splits, to_model_input
     from raytrain_vae.export import load_export
     from raytrain_vae.outputs import check_output_dir, staged_dir
@@ -87,10 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if not 0 < args.num_samples <= MAX_GRID:
-        raise UserError(f"--num-samples must be in [1, {MAX_GRID}] (got {args.num_samples})")
-    if not 0 <= args.seed < SEED_LIMIT:
-        raise UserError(f"--seed must be in [0, 2**63) (got {args.seed})")
+    check_flag("--num-samples", args.num_samples, 1, MAX_GRID)
+    check_flag("--seed", args.seed, 0, SEED_LIMIT - 1)
     out = check_output_dir(args.output, "--output", OUTPUT_KIND)
     model, cfg = load_export(args.model)
     test = to_model_input(load_splits(cfg.data).test[:32], False)
