@@ -22,11 +22,12 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from raytrain_vae.batch_actors import latents_for, png_bytes, to_uint8
 from raytrain_vae.config import dump_config, load_config
-from raytrain_vae.export import save_weights
-from raytrain_vae.generate import latents_for, png_bytes, sample, to_uint8
+from raytrain_vae.generate import sample
 from raytrain_vae.inputs import fixed_size_list
-from raytrain_vae.model import ConvVAE
+from raytrain_vae.model_io import save_weights
+from raytrain_vae.models.conv import ConvVAE
 
 
 def plain_loop(model: ConvVAE, n: int, batch_size: int, out: Path) -> float:

@@ -28,7 +28,7 @@ from torch import nn
 from raytrain_vae.config import load_config
 from raytrain_vae.data import load_splits, to_model_input
 from raytrain_vae.evaluate import evaluate
-from raytrain_vae.export import load_export
+from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.objectives import bits_per_dim, kl_to_standard_normal
 
 ENTROPY_NOTE = "floor: the binarization's own entropy"
@@ -208,7 +208,7 @@ def main() -> None:
     print("training the project's model through Ray Train ...", flush=True)
     checkpoints, ours_wall = train_project(cfg)
     ours_curve = [
-        evaluate(load_export(c)[0], splits.test, k=0, batch_size=1000)["neg_elbo"]
+        evaluate(load_model_dir(c)[0], splits.test, k=0, batch_size=1000)["neg_elbo"]
         for c in checkpoints
     ]
 
@@ -217,7 +217,7 @@ def main() -> None:
         print(f"{epoch:5d}  {r:9.2f}  {o:12.2f}  {o - r:+6.2f}")
 
     iwae_images = splits.test[: args.iwae_images]
-    ours_model = load_export(checkpoints[-1])[0]
+    ours_model = load_model_dir(checkpoints[-1])[0]
     ours_iwae = evaluate(ours_model, iwae_images, k=args.iwae_k, batch_size=10)["iwae_nll"]
     ref_iwae = mlp_iwae(ref, iwae_images, args.iwae_k)
     dims = splits.test[0].numel()

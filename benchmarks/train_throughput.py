@@ -27,8 +27,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from raytrain_vae.config import apply_overrides, load_config, validate_config
 from raytrain_vae.data import load_splits
-from raytrain_vae.model import ELU, ConvVAE
+from raytrain_vae.models.conv import ConvVAE
 from raytrain_vae.objectives import training_loss
+from raytrain_vae.perf.elu import ELU
 
 
 def textbook_model(cfg, image_shape: tuple[int, ...]) -> ConvVAE:

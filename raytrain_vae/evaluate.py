@@ -12,11 +12,12 @@ import torch
 from raytrain_vae.cli import check_flag, run_cli
 from raytrain_vae.config import SEED_LIMIT, UserError
 from raytrain_vae.data import load_splits, to_model_input
-from raytrain_vae.export import load_export
-from raytrain_vae.heap import retain_freed_memory
-from raytrain_vae.model import ConvVAE, check_fits_memory, training_memory_bytes
+from raytrain_vae.model_io import load_model_dir
+from raytrain_vae.models import VAE
+from raytrain_vae.models.sizing import check_fits_memory, training_memory_bytes
 from raytrain_vae.objectives import bits_per_dim, elbo_terms, iwae_nll
 from raytrain_vae.outputs import check_output_file, write_file_atomically
+from raytrain_vae.perf.heap import retain_freed_memory
 
 WRITTEN_BY = "raytrain_vae.evaluate"
 MAX_K = 1_000_000
@@ -25,7 +26,7 @@ MAX_BATCH = 2**20
 
 @torch.no_grad()
 def evaluate(
-    model: ConvVAE,
+    model: VAE,
     images: torch.Tensor,
     k: int = 1000,
     batch_size: int = 100,
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     device = parse_device(args.device)
     output = None if args.output is None else check_output_file(args.output, "--output", WRITTEN_BY)
 
-    model, cfg = load_export(args.model)
+    model, cfg = load_model_dir(args.model)
     check_fits_memory(
         training_memory_bytes(cfg.model, model.image_shape, args.batch_size),
         f"--batch-size {args.batch_size}",

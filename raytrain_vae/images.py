@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid, save_image
 
-from raytrain_vae.model import ConvVAE
+from raytrain_vae.cli import check_flag, run_cli
+from raytrain_vae.config import SEED_LIMIT
+from raytrain_vae.data import load_splits, to_model_input
+from raytrain_vae.model_io import load_model_dir
+from raytrain_vae.models import VAE
+from raytrain_vae.outputs import check_output_dir, staged_dir
 
 OUTPUT_KIND = "images"
 MAX_GRID = 10_000  # images in one PNG grid
@@ -21,14 +28,14 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
 
 
 @torch.no_grad()
-def sample_grid(model: ConvVAE, path: str | Path, n: int = 64, seed: int = 0) -> None:
+def sample_grid(model: VAE, path: str | Path, n: int = 64, seed: int = 0) -> None:
     """A grid of n new images E[x|z], z ~ N(0, I), reproducible by seed."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     save_grid(model.sample(n, generator=generator), path)
 
 
 @torch.no_grad()
-def reconstruction_grid(model: ConvVAE, images: torch.Tensor, path: str | Path) -> None:
+def reconstruction_grid(model: VAE, images: torch.Tensor, path: str | Path) -> None:
     """Inputs (float in [0, 1]) on the upper row(s), their reconstructions right below."""
     nrow = min(len(images), 16)
     rows = []
@@ -43,7 +50,7 @@ def reconstruction_grid(model: ConvVAE, images: torch.Tensor, path: str | Path) 
 
 @torch.no_grad()
 def interpolation_grid(
-    model: ConvVAE,
+    model: VAE,
     pairs: list[tuple[torch.Tensor, torch.Tensor]],
     path: str | Path,
     steps: int = 10,
@@ -58,7 +65,7 @@ def interpolation_grid(
 
 
 @torch.no_grad()
-def latent_map(model: ConvVAE, path: str | Path, size: int = 20, span: float = 2.5) -> None:
+def latent_map(model: VAE, path: str | Path, size: int = 20, span: float = 2.5) -> None:
     """For a 2-D latent space: decodes of a size x size grid over [-span, span]^2."""
     if model.cfg.latent_dim != 2:
         raise ValueError("a latent map needs latent_dim == 2")
@@ -70,14 +77,6 @@ def latent_map(model: ConvVAE, path: str | Path, size: int = 20, span: float = 2
 
 def main(argv: list[str] | None = None) -> int:
     """python -m raytrain_vae.images --model DIR --output DIR: every picture of a model."""
-    import argparse  # the imports below are here because export.py imports this module
-
-    from raytrain_vae.cli import check_flag
-    from raytrain_vae.config import SEED_LIMIT
-    from raytrain_vae.data import load_splits, to_model_input
-    from raytrain_vae.export import load_export
-    from raytrain_vae.outputs import check_output_dir, staged_dir
-
     parser = argparse.ArgumentParser(prog="python -m raytrain_vae.images", description=__doc__)
     parser.add_argument("--model", required=True, help="exported model directory")
     parser.add_argument(
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     check_flag("--num-samples", args.num_samples, 1, MAX_GRID)
     check_flag("--seed", args.seed, 0, SEED_LIMIT - 1)
     out = check_output_dir(args.output, "--output", OUTPUT_KIND)
-    model, cfg = load_export(args.model)
+    model, cfg = load_model_dir(args.model)
     test = to_model_input(load_splits(cfg.data).test[:32], False)
     written = {
         "samples.png": lambda p: sample_grid(model, p, args.num_samples, args.seed),
@@ -111,8 +110,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from raytrain_vae.cli import run_cli
-
     sys.exit(run_cli(main))

@@ -13,7 +13,7 @@ from PIL import Image
 
 from raytrain_vae.config import UserError
 from raytrain_vae.data import load_splits
-from raytrain_vae.export import load_export
+from raytrain_vae.model_io import load_model_dir
 
 
 def fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -31,7 +31,7 @@ def read_inputs(model_dir: str, split: str, input_path: str | None) -> pa.Table:
 
     Input that cannot be read raises a one-line UserError naming the file (and the row,
     counted from 0, or the column); nothing is written."""
-    model, cfg = load_export(model_dir)
+    model, cfg = load_model_dir(model_dir)
     shape = model.image_shape
     if input_path is None:
         return _split_rows(cfg, split)

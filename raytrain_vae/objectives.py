@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from raytrain_vae.model import ConvVAE
-
-LOG_2PI = math.log(2 * math.pi)
+from raytrain_vae.likelihoods import LOG_2PI
+from raytrain_vae.models import VAE
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -17,18 +15,12 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
 
 
-def reconstruction_nll(model: ConvVAE, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def reconstruction_nll(model: VAE, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """-log p(x|z) per image in nats, summed over pixels: shape (B,)."""
-    out = out.float()
-    if model.cfg.likelihood == "bernoulli":
-        nll = F.binary_cross_entropy_with_logits(out, x, reduction="none")
-    else:
-        log_sigma = model.log_sigma
-        nll = 0.5 * ((x - out) * torch.exp(-log_sigma)).pow(2) + log_sigma + 0.5 * LOG_2PI
-    return nll.flatten(1).sum(dim=1)
+    return model.likelihood.nll(out.float(), x, model).flatten(1).sum(dim=1)
 
 
-def elbo_terms(model: ConvVAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def elbo_terms(model: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One-sample estimate of (reconstruction NLL, KL) per image; negative ELBO = their sum.
 
     `model` may be a DDP wrapper: its forward is what synchronises gradients."""
@@ -45,7 +37,7 @@ def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> to
 
 
 def log_importance_weights(
-    model: ConvVAE,
+    model: VAE,
     out: torch.Tensor,
     x: torch.Tensor,
     z: torch.Tensor,
@@ -61,7 +53,7 @@ def log_importance_weights(
 
 
 def training_loss(
-    model: ConvVAE,
+    model: VAE,
     x: torch.Tensor,
     kl_weight: float = 1.0,
     free_bits: float = 0.0,
@@ -103,7 +95,7 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def iwae_nll(model: ConvVAE, x: torch.Tensor, k: int, max_decodes: int = 1024) -> torch.Tensor:
+def iwae_nll(model: VAE, x: torch.Tensor, k: int, max_decodes: int = 1024) -> torch.Tensor:
     """Importance-weighted estimate of -log p(x) per image with k samples of q(z|x), in nats.
 
     -log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x), an upper bound on the NLL that tightens with k

@@ -1,17 +1,27 @@
-"""Ray start-up, and whether the cluster can hold a request: refuse at once, or wait (bounded)."""
+"""Ray start-up, path preflight, and whether the cluster can hold a request (refuse or wait).
+
+The private Ray names this package relies on are all here, each with a fallback and a test
+(tests/test_runtime.py) that fails loudly when a Ray upgrade removes it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import ray
 from ray.autoscaler.sdk import request_resources
 
-from raytrain_vae.config import UserError
+from raytrain_vae.config import ConfigError, UserError, is_uri
 
 POLL_S = 5.0
+# Ray 2.60 logs every ray.train.report (with all its metrics) at INFO through a logger of this
+# private module, named after its file, which LoggingConfig's "ray.train" level misses.
+TRAIN_REPORT_MODULE = "ray.train.v2._internal.execution.context"
 
 
 class ResourceError(UserError):
@@ -115,3 +125,37 @@ def _refuse_if_cannot_grow(need: dict[str, float], what: str, fix: str) -> None:
 
 def _only(have: dict[str, float], need: dict[str, float]) -> dict[str, float]:
     return {k: have.get(k, 0.0) for k in need if need[k] > 0}
+
+
+def train_report_logger_name() -> str | None:
+    """The name of the logger Ray Train reports through (its module's file), None if that
+    module is gone (then its lines just show)."""
+    try:
+        spec = importlib.util.find_spec(TRAIN_REPORT_MODULE)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None else None
+
+
+def quiet_train_report_log(level: str) -> None:
+    """Show Ray Train's per-report log lines only at run.log_level."""
+    name = train_report_logger_name()
+    if name:
+        logging.getLogger(name).setLevel(level)
+
+
+def check_writable(path: str, key: str) -> None:
+    """A local folder we can write in, or create in the nearest existing folder above it; nothing
+    is created here (URIs are left to pyarrow)."""
+    if is_uri(path):
+        return
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{key} {path}: not writable ({folder} is not a folder)")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key} {path}: not writable ({exc.strerror or exc})") from None

@@ -12,8 +12,8 @@ from typing import Any
 import optuna
 
 from raytrain_vae.config import Config, ConfigError, is_config_key, set_dotted, validate_config
-from raytrain_vae.data import IMAGE_SHAPE, check_split_fits
-from raytrain_vae.model import check_trainable
+from raytrain_vae.data import check_split_fits, image_shape
+from raytrain_vae.models.sizing import check_trainable
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "quniform", "qloguniform")
 SEARCHABLE_SECTIONS = ("data", "model", "train", "scaling")
@@ -141,7 +141,7 @@ def checked_config(raw: dict, values: dict[str, Any]) -> Config:
     for path, value in values.items():
         set_dotted(raw, path.split("."), value)
     cfg = validate_config(raw, "search.space")
-    check_trainable(cfg, IMAGE_SHAPE)
+    check_trainable(cfg, image_shape(cfg.data))
     check_split_fits(cfg)
     return cfg
 

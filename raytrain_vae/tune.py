@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from pathlib import Path
 
@@ -18,17 +16,20 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from raytrain_vae.cli import config_parser, run_cli
-from raytrain_vae.config import Config, ConfigError, load_config, validate_config
+from raytrain_vae.config import Config, ConfigError, is_uri, load_config, validate_config
 from raytrain_vae.export import EXPORT_KIND, export_model
 from raytrain_vae.outputs import check_output_dir
 from raytrain_vae.runtime import init_ray
-from raytrain_vae.search_space import Param, parse_space, trial_config, trial_configs
-from raytrain_vae.train import (
-    build_trainer,
-    preflight,
-    require_worker_resources,
-    user_error_from,
+from raytrain_vae.search_results import (
+    best_trial,
+    pareto_front,
+    plot_pareto,
+    print_summary,
+    trial_table,
+    write_table,
 )
+from raytrain_vae.search_space import Param, parse_space, trial_config, trial_configs
+from raytrain_vae.train import build_trainer, preflight, require_worker_resources, user_error_from
 
 TRIAL_DRIVER_CPUS = 0.1  # the Tune function only waits on its TorchTrainer
 SUMMARY_FILE = "summary"
@@ -58,12 +59,11 @@ def experiment_path(cfg: Config) -> str:
     return f"{cfg.resolved_storage_path().rstrip('/')}/{cfg.run.name}"
 
 
-def concurrent_trials(cfg: Config) -> int:
+def concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
     """search.max_concurrent_trials, or as many trials as the cluster's CPUs and GPUs hold."""
     if cfg.search.max_concurrent_trials is not None:
         return cfg.search.max_concurrent_trials
     s = cfg.scaling
-    resources = ray.cluster_resources()
     fits = resources.get("CPU", 1) // (s.num_workers * s.cpus_per_worker + TRIAL_DRIVER_CPUS)
     if s.use_gpu:
         fits = min(fits, resources.get("GPU", 0) // (s.num_workers * s.gpus_per_worker))
@@ -116,7 +116,7 @@ def make_tuner(cfg: Config, params: list[Param]) -> tune.Tuner:
             search_alg=make_searcher(cfg, params),
             scheduler=scheduler,
             num_samples=s.num_samples,
-            max_concurrent_trials=concurrent_trials(cfg),
+            max_concurrent_trials=concurrent_trials(cfg, ray.cluster_resources()),
         ),
         run_config=tune.RunConfig(
             name=cfg.run.name, storage_path=cfg.resolved_storage_path(), verbose=1
@@ -134,112 +134,11 @@ def _trainable(cfg: Config, params: list[Param]):
     return tune.with_resources(fn, {"cpu": TRIAL_DRIVER_CPUS})
 
 
-def trial_table(cfg: Config, params: list[Param], results: tune.ResultGrid) -> pd.DataFrame:
-    """One row per trial: status, epochs run, best metric and its checkpoint, decoded params."""
-    metric, mode = cfg.search.selection
-    rows = []
-    for result in results:
-        history = result.metrics_dataframe
-        row = {"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name}
-        for p in params:
-            value = p.decode(result.config[p.path])
-            row[p.path] = json.dumps(value) if isinstance(value, list | dict) else value
-        epochs = 0 if history is None or history.empty else int(history["epoch"].max())
-        row["epochs"] = epochs
-        if result.error:
-            row["status"] = "ERROR"
-        else:
-            row["status"] = "done" if epochs >= cfg.train.epochs else "stopped early"
-        if epochs:
-            values = history[metric].astype(float)
-            finite = values[values.map(math.isfinite)]
-            if len(finite):
-                best_idx = finite.idxmin() if mode == "min" else finite.idxmax()
-                best = history.loc[best_idx]
-                row[f"best_{metric}"] = float(best[metric])
-                row["best_epoch"] = int(best["epoch"])
-                row["best_checkpoint"] = best.get("checkpoint_path")
-            last = history.iloc[-1]
-            for key in ("val_neg_elbo", "val_recon", "val_kl"):
-                row[key] = float(last[key])
-            row["seconds"] = float(last.get("time_total_s", float("nan")))
-            row["train_seconds"] = float(history["epoch_s"].sum())
-        row["error"] = str(result.error).strip().splitlines()[-1][:200] if result.error else ""
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def pareto_front(table: pd.DataFrame, metrics: list[str], modes: list[str]) -> pd.DataFrame:
-    """Trials no other trial beats on every metric (and strictly on one): the trade-off curve."""
-    signs = [1 if m == "min" else -1 for m in modes]
-    points = table.dropna(subset=metrics)
-    keep = []
-    for i, a in points.iterrows():
-        dominated = False
-        for j, b in points.iterrows():
-            not_worse = all(s * b[m] <= s * a[m] for m, s in zip(metrics, signs, strict=True))
-            better = any(s * b[m] < s * a[m] for m, s in zip(metrics, signs, strict=True))
-            if j != i and not_worse and better:
-                dominated = True
-                break
-        if not dominated:
-            keep.append(i)
-    return points.loc[keep].sort_values(metrics[0])
-
-
-def plot_pareto(table: pd.DataFrame, front: pd.DataFrame, metrics: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    ax.scatter(table[metrics[0]], table[metrics[1]], c="0.6", label="trials")
-    ax.plot(front[metrics[0]], front[metrics[1]], "o-", c="C3", label="Pareto front")
-    ax.set_xlabel(f"{metrics[0]} (nats)")
-    ax.set_ylabel(f"{metrics[1]} (nats)")
-    ax.set_title("Rate vs distortion")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def write_table(table: pd.DataFrame, folder: str, stem: str) -> list[str]:
-    """CSV and Parquet next to the experiment (local path or pyarrow URI)."""
-    fs, base = (
-        pyarrow.fs.FileSystem.from_uri(folder)
-        if "://" in folder
-        else (pyarrow.fs.LocalFileSystem(), folder)
-    )
-    fs.create_dir(base, recursive=True)
-    written = []
-    for ext in ("csv", "parquet"):
-        path = f"{base}/{stem}.{ext}"
-        with fs.open_output_stream(path) as out:
-            if ext == "csv":
-                out.write(table.to_csv(index=False).encode())
-            else:
-                table.to_parquet(out, index=False)
-        written.append(f"{folder}/{stem}.{ext}")
-    return written
-
-
-def best_trial(cfg: Config, table: pd.DataFrame) -> pd.Series:
-    metric, mode = cfg.search.selection
-    column = f"best_{metric}"
-    candidates = table.dropna(subset=[column]) if column in table else table.iloc[0:0]
-    candidates = candidates[candidates["best_checkpoint"].notna()]
-    if candidates.empty:
-        raise ConfigError(f"no trial reported a finite {metric}: nothing to export")
-    return candidates.sort_values(column, ascending=mode == "min").iloc[0]
-
-
 def export_best(cfg: Config, best: pd.Series) -> Path:
     """Copy the best trial's best checkpoint (local or remote storage) into export.dir."""
     path = str(best["best_checkpoint"])
     filesystem = None
-    if "://" in cfg.resolved_storage_path():
+    if is_uri(cfg.resolved_storage_path()):
         filesystem, path = pyarrow.fs.FileSystem.from_uri(path)
     extra = {"trial_id": best["trial_id"], "experiment": experiment_path(cfg)}
     with Checkpoint(path, filesystem=filesystem).as_directory() as folder:
@@ -280,7 +179,7 @@ def search(cfg: Config, resume: bool = False) -> tuple[pd.DataFrame, Path]:
         front = pareto_front(table, metrics, modes)
         for written in write_table(front, path, PARETO_FILE):
             print(f"Pareto front: {written}")
-        if "://" not in path:
+        if not is_uri(path):
             plot_pareto(table, front, metrics, Path(path) / f"{PARETO_FILE}.png")
             print(f"Pareto plot: {path}/{PARETO_FILE}.png")
     best = best_trial(cfg, table)
@@ -291,22 +190,6 @@ def search(cfg: Config, resume: bool = False) -> tuple[pd.DataFrame, Path]:
         f"{int(best['best_epoch'])}; exported to {export}"
     )
     return table, export
-
-
-def print_summary(cfg: Config, table: pd.DataFrame) -> None:
-    shown = [c for c in table.columns if c not in {"best_checkpoint", "error"}]
-    with pd.option_context("display.width", 200, "display.max_columns", 50):
-        print("\nTrials (losses in nats per image, beta = 1):")
-        print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    errors = table[table["error"] != ""]
-    for _, row in errors.iterrows():
-        print(f"trial {row['trial_id']} failed: {row['error']}")
-    if "seconds" in table and table["seconds"].notna().any():
-        overhead = (table["seconds"] - table["train_seconds"]).dropna()
-        print(
-            f"per-trial overhead outside epochs (Ray Train start-up, teardown): "
-            f"{overhead.mean():.1f} s on average over {len(overhead)} trials"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

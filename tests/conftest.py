@@ -1,5 +1,5 @@
-"""Shared test helpers: tiny MNIST-style IDX datasets on disk, no system dataset copies, and a
-module-wide local Ray."""
+"""Shared test helpers: tiny MNIST-style IDX datasets on disk, tiny saved model directories, no
+system dataset copies, and a module-wide local Ray."""
 
 from __future__ import annotations
 
@@ -11,9 +11,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
 
-import raytrain_vae.data as data
-from raytrain_vae.data import FILES
+import raytrain_vae.data.idx as idx_source
+from raytrain_vae.config import Config, load_config
+from raytrain_vae.data.idx import FILES
+from raytrain_vae.model_io import save_model_dir
+from raytrain_vae.models import VAE, build_model
+
+# The smallest model the tests save and load: milliseconds to build and to run.
+TINY_MODEL = ["model.channels=[4,8]", "model.hidden_dim=8", "model.latent_dim=2"]
+
+
+def tiny_config(*overrides: str) -> Config:
+    """The default config with TINY_MODEL, then overrides (a later key wins)."""
+    return load_config(None, [*TINY_MODEL, *overrides])
+
+
+def write_model_dir(
+    folder: Path,
+    cfg: Config,
+    image_shape: tuple[int, int, int] = (1, 28, 28),
+    seed: int = 0,
+    metrics: dict | None = None,
+) -> VAE:
+    """A saved model directory in folder (created if need be), as an export or a checkpoint
+    holds one: weights of a model built after torch.manual_seed(seed), config.yaml and
+    metrics.json (default {"epoch": 1}). Returns the model, as built (training mode)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, image_shape)
+    save_model_dir(model, cfg, folder, {"epoch": 1} if metrics is None else metrics)
+    return model
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -59,10 +88,18 @@ def make_idx_dataset(
 
 
 @pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """A tiny saved model (tiny_config(), 1x28x28, seed 0) at tmp_path / "model"."""
+    folder = tmp_path / "model"
+    write_model_dir(folder, tiny_config())
+    return folder
+
+
+@pytest.fixture
 def no_system_copies(monkeypatch, tmp_path):
     """Never find a dataset installed on this machine (e.g. /usr/share/datasets)."""
-    for name in list(data.SYSTEM_DIRS):
-        monkeypatch.setitem(data.SYSTEM_DIRS, name, [str(tmp_path / "no-system-copy" / name)])
+    for name in list(idx_source.SYSTEM_DIRS):
+        monkeypatch.setitem(idx_source.SYSTEM_DIRS, name, [str(tmp_path / "no-system-copy" / name)])
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,12 @@ import pytest
 import ray
 import torch
 import yaml
-from conftest import make_idx_dataset
+from conftest import make_idx_dataset, write_model_dir
 from safetensors.torch import load_file, safe_open, save_file
 
 from raytrain_vae import evaluate, generate, images, train, tune
 from raytrain_vae.cli import BUG_LINE, MAX_LINE, run_cli
-from raytrain_vae.config import dump_config, load_config
-from raytrain_vae.export import save_weights
-from raytrain_vae.model import ConvVAE
+from raytrain_vae.config import load_config
 from raytrain_vae.outputs import MARKER
 
 ALIAS_BOMB = "\n".join(
@@ -62,10 +60,7 @@ def sandbox_template(tmp_path_factory) -> Sandbox:
     ]  # fmt: skip
     cfg = load_config(None, overrides)
     model = root / "model"
-    model.mkdir()
-    torch.manual_seed(0)
-    save_weights(ConvVAE(cfg.model, (1, 28, 28)), model / "model.safetensors")
-    (model / "config.yaml").write_text(dump_config(cfg))
+    write_model_dir(model, cfg)
     raw = cfg.model_dump(mode="json")
     raw["search"]["space"] = {"train.lr": {"loguniform": [1e-4, 1e-2]}}
     config = root / "tiny.yaml"

@@ -14,10 +14,7 @@ import pytest
 import torch
 import yaml
 
-from raytrain_vae.config import dump_config, load_config
-from raytrain_vae.data import SYSTEM_DIRS
-from raytrain_vae.export import save_weights
-from raytrain_vae.model import ConvVAE
+from raytrain_vae.data.idx import SYSTEM_DIRS
 from raytrain_vae.outputs import MARKER
 
 pytestmark = pytest.mark.slow
@@ -101,22 +98,11 @@ def test_search_into_a_folder_of_the_users_files_loses_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.fixture
-def exported(tmp_path) -> Path:
-    cfg = load_config(None, ["model.channels=[4,8]", "model.hidden_dim=8", "model.latent_dim=2"])
-    folder = tmp_path / "model"
-    folder.mkdir()
-    torch.manual_seed(0)
-    save_weights(ConvVAE(cfg.model, (1, 28, 28)), folder / "model.safetensors")
-    (folder / "config.yaml").write_text(dump_config(cfg))
-    return folder
-
-
-def test_generate_overwrite_never_deletes_a_folder_it_did_not_write(tmp_path, exported):
+def test_generate_overwrite_never_deletes_a_folder_it_did_not_write(tmp_path, model_dir):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8 irreplaceable")
     before = tree(tmp_path)
-    args = ["raytrain_vae.generate", "sample", "--model", str(exported), "--num-samples", "8"]
+    args = ["raytrain_vae.generate", "sample", "--model", str(model_dir), "--num-samples", "8"]
     proc, _ = run([*args, "--output", "photos", "--overwrite"], tmp_path)
     assert_one_line_exit_2(proc, "--output", "did not write")
     assert tree(tmp_path) == before
@@ -132,10 +118,10 @@ def test_generate_overwrite_never_deletes_a_folder_it_did_not_write(tmp_path, ex
     assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"\xff\xd8 irreplaceable"
 
 
-def test_generate_with_a_gpu_the_machine_lacks_fails_within_seconds(tmp_path, exported):
+def test_generate_with_a_gpu_the_machine_lacks_fails_within_seconds(tmp_path, model_dir):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    args = ["raytrain_vae.generate", "sample", "--model", str(exported), "--num-samples", "8"]
+    args = ["raytrain_vae.generate", "sample", "--model", str(model_dir), "--num-samples", "8"]
     proc, seconds = run([*args, "--output", "out", "--num-gpus", "1"], tmp_path, timeout=120)
     assert_one_line_exit_2(proc, "1 actor(s)", "GPU", "this machine's Ray", "--num-gpus")
     assert seconds < 60, seconds  # it used to wait forever, "pending: 1 CPU, 1 GPU"

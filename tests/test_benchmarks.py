@@ -59,7 +59,8 @@ def test_throughput_reference_is_the_same_model_with_stock_elu():
     from torch import nn
 
     from raytrain_vae.config import load_config
-    from raytrain_vae.model import ELU, ConvVAE
+    from raytrain_vae.models.conv import ConvVAE
+    from raytrain_vae.perf.elu import ELU
 
     throughput = load_benchmark("train_throughput")
     cfg = load_config(REPO / "configs" / "vae.yaml", ["model.residual_blocks=1"])

@@ -10,16 +10,16 @@ import torch
 from conftest import Written, idx_bytes, make_idx_dataset
 from torchvision.datasets import MNIST
 
-import raytrain_vae.data as data
-from raytrain_vae.config import DataConfig, UserError
+import raytrain_vae.data.idx as idx_source
+from raytrain_vae.config import DataSection, UserError
 from raytrain_vae.data import (
-    FILES,
     DataError,
     eval_indices,
     load_splits,
     shard_indices,
     to_model_input,
 )
+from raytrain_vae.data.idx import FILES
 
 N_TRAIN, N_TEST, H, W = 60, 12, 6, 5  # H != W catches transposed images
 
@@ -44,9 +44,9 @@ def root(tmp_path, written) -> Path:
     return root
 
 
-def cfg_for(root: Path, **kw) -> DataConfig:
+def cfg_for(root: Path, **kw) -> DataSection:
     kw.setdefault("binarize", "none")
-    return DataConfig(dataset="mnist", root=str(root), download=False, **kw)
+    return DataSection(dataset="mnist", root=str(root), download=False, **kw)
 
 
 def _rows(images: torch.Tensor) -> list[bytes]:
@@ -154,7 +154,7 @@ def test_gz_files_in_torchvision_layout(tmp_path, written):
 def test_system_copy_is_found(monkeypatch, tmp_path, written):
     system = tmp_path / "usr-share-mnist"
     written.write(system, gz=True)
-    monkeypatch.setitem(data.SYSTEM_DIRS, "mnist", [str(system)])
+    monkeypatch.setitem(idx_source.SYSTEM_DIRS, "mnist", [str(system)])
     s = load_splits(cfg_for(tmp_path / "empty-root"))
     assert s.source == str(system)
     assert torch.equal(s.test[:, 0], torch.from_numpy(written.test_images))
@@ -210,7 +210,7 @@ def test_missing_data_without_download(tmp_path):
 
 
 def test_missing_fashion_mnist_suggests_the_system_package(tmp_path):
-    cfg = DataConfig(dataset="fashion_mnist", root=str(tmp_path / "empty"), download=False)
+    cfg = DataSection(dataset="fashion_mnist", root=str(tmp_path / "empty"), download=False)
     with pytest.raises(DataError) as info:
         load_splits(cfg)
     msg = str(info.value)
@@ -224,7 +224,7 @@ def _offline(*args, **kwargs):
 
 def test_download_failure_via_download_method(monkeypatch, tmp_path):
     monkeypatch.setattr(MNIST, "download", _offline)
-    cfg = DataConfig(dataset="mnist", root=str(tmp_path / "empty"), download=True)
+    cfg = DataSection(dataset="mnist", root=str(tmp_path / "empty"), download=True)
     with pytest.raises(DataError) as info:
         load_splits(cfg)
     msg = str(info.value)
@@ -239,15 +239,15 @@ def test_download_failure_via_datasets_entry(monkeypatch, tmp_path):
         def __init__(self, root, train=True, download=False):
             _offline()
 
-    monkeypatch.setitem(data.DATASETS, "mnist", MNIST)
-    cfg = DataConfig(dataset="mnist", root=str(tmp_path / "empty"), download=True)
+    monkeypatch.setitem(idx_source.DATASETS, "mnist", MNIST)
+    cfg = DataSection(dataset="mnist", root=str(tmp_path / "empty"), download=True)
     with pytest.raises(DataError, match="download failed.*offline"):
         load_splits(cfg)
 
 
 def test_download_is_not_attempted_when_files_exist(monkeypatch, root):
     monkeypatch.setattr(MNIST, "download", _offline)
-    s = load_splits(DataConfig(dataset="mnist", root=str(root), download=True, binarize="none"))
+    s = load_splits(DataSection(dataset="mnist", root=str(root), download=True, binarize="none"))
     assert len(s.test) == N_TEST
 
 

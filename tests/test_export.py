@@ -15,23 +15,23 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_idx_dataset
+from conftest import make_idx_dataset, write_model_dir
 from PIL import Image
 
 import raytrain_vae.export as export
 from raytrain_vae.config import (
     Config,
-    DataConfig,
+    DataSection,
     ExportSection,
-    ModelConfig,
+    ModelSection,
     UserError,
-    dump_config,
     load_config,
 )
 from raytrain_vae.data import load_splits, to_model_input
-from raytrain_vae.export import ExportError, export_model, load_export, load_model, save_weights
+from raytrain_vae.export import export_model, load_model
 from raytrain_vae.images import reconstruction_grid, sample_grid
-from raytrain_vae.model import ConvVAE
+from raytrain_vae.model_io import ModelFileError, load_model_dir, save_weights
+from raytrain_vae.models.conv import ConvVAE
 
 IMAGE_SHAPE = (1, 28, 28)  # what the exported model is built for and the IDX files hold
 N_TEST = 20
@@ -66,23 +66,18 @@ def data_root(tmp_path) -> Path:
 def make_cfg(data_root: Path, binarize="none", num_samples=10, num_reconstructions=5, **model):
     model = {"channels": [8, 16], "latent_dim": 4, "hidden_dim": 32, **model}
     return Config(
-        data=DataConfig(dataset="mnist", root=str(data_root), download=False, binarize=binarize),
-        model=ModelConfig(**model),
+        data=DataSection(dataset="mnist", root=str(data_root), download=False, binarize=binarize),
+        model=ModelSection(**model),
         export=ExportSection(num_samples=num_samples, num_reconstructions=num_reconstructions),
     )
 
 
 def make_checkpoint(folder: Path, cfg: Config, seed: int = 0) -> ConvVAE:
-    """A training checkpoint dir as train._save_checkpoint writes it; returns its model."""
-    torch.manual_seed(seed)
-    model = ConvVAE(cfg.model, IMAGE_SHAPE)
-    folder.mkdir(parents=True)
-    save_weights(model, folder / "model.safetensors")
+    """A training checkpoint dir as checkpoint.save_checkpoint writes it; returns its model."""
+    model = write_model_dir(folder, cfg, IMAGE_SHAPE, seed, metrics=METRICS)
     optimizer = torch.optim.AdamW(model.parameters())
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     (folder / "state.json").write_text(json.dumps({"epoch": 3, "step": 9, "history": [METRICS]}))
-    (folder / "config.yaml").write_text(dump_config(cfg))
-    (folder / "metrics.json").write_text(json.dumps(METRICS, indent=1))
     return model.eval()
 
 
@@ -208,7 +203,7 @@ def test_load_model_round_trips_weights_and_reconstructions(tmp_path, data_root,
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     assert torch.equal(loaded.sample(4, generator=g1), original.sample(4, generator=g2))
 
-    model, loaded_cfg = load_export(out)
+    model, loaded_cfg = load_model_dir(out)
     assert loaded_cfg == cfg
     assert_same_weights(model, original)
 
@@ -298,7 +293,7 @@ def test_grid_helpers_match_the_export(tmp_path, data_root):
 
 
 def _export_error(folder: Path) -> str:
-    with pytest.raises(ExportError) as info:
+    with pytest.raises(ModelFileError) as info:
         load_model(folder)
     assert isinstance(info.value, UserError)
     msg = str(info.value)
@@ -385,7 +380,7 @@ def test_config_that_does_not_match_the_weights(exported):
 
 def test_export_from_a_bad_checkpoint_writes_nothing(tmp_path):
     out = tmp_path / "exports" / "best"
-    with pytest.raises(ExportError, match="no such model directory"):
+    with pytest.raises(ModelFileError, match="no such model directory"):
         export_model(tmp_path / "missing-ckpt", out)
     assert not out.exists()
     assert not (out.parent.exists() and leftovers(out.parent))
@@ -415,7 +410,7 @@ def test_disk_full_during_export_leaves_the_previous_export_intact(
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export_module, "save_weights", full)
+    monkeypatch.setattr(export_module, "save_model_dir", full)
     with pytest.raises(UserError, match="No space left on device"):
         export_model(ckpt, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

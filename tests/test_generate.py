@@ -13,15 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from conftest import make_idx_dataset
+from conftest import make_idx_dataset, tiny_config, write_model_dir
 from PIL import Image
 
-from raytrain_vae import generate
+from raytrain_vae import batch_actors
+from raytrain_vae.batch_actors import latents_for, png_bytes
 from raytrain_vae.config import UserError, dump_config, load_config
-from raytrain_vae.export import load_model, save_weights
-from raytrain_vae.generate import encode_images, latents_for, png_bytes, sample
+from raytrain_vae.export import load_model
+from raytrain_vae.generate import encode_images, sample
 from raytrain_vae.inputs import read_inputs
-from raytrain_vae.model import ConvVAE
 
 REPO = Path(__file__).resolve().parents[1]
 LATENT = 3
@@ -30,24 +30,18 @@ LATENT = 3
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("model")
-    cfg = load_config(
-        None, ["model.channels=[4,8]", "model.hidden_dim=16", f"model.latent_dim={LATENT}"]
-    )
-    torch.manual_seed(0)
-    save_weights(ConvVAE(cfg.model, (1, 28, 28)), folder / "model.safetensors")
-    (folder / "config.yaml").write_text(dump_config(cfg))
+    write_model_dir(folder, tiny_config("model.hidden_dim=16", f"model.latent_dim={LATENT}"))
     return folder
 
 
 @pytest.mark.parametrize("retain", ["true", "false"])
 def test_cpu_actors_retain_freed_memory_as_the_model_config_says(tmp_path, monkeypatch, retain):
     cfg = load_config(None, ["model.channels=[4,8]", f"scaling.retain_freed_memory={retain}"])
-    save_weights(ConvVAE(cfg.model, (1, 28, 28)), tmp_path / "model.safetensors")
-    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    write_model_dir(tmp_path, cfg)
     calls = []
-    monkeypatch.setattr(generate, "retain_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(batch_actors, "retain_freed_memory", lambda: calls.append(1) or True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    model, device = generate.load_actor_model(str(tmp_path))
+    model, device = batch_actors.load_actor_model(str(tmp_path))
     assert device == "cpu" and not model.training
     assert calls == ([1] if retain == "true" else [])
 
@@ -140,21 +134,15 @@ def written_model(tmp_path_factory) -> tuple[Path, object]:
     folder = tmp_path_factory.mktemp("idxmodel")
     written = make_idx_dataset(n_train=40, n_test=30, height=28, width=28)
     written.write(folder / "data")
-    cfg = load_config(
-        None,
-        [
-            "data.dataset=mnist",
-            f"data.root={folder / 'data'}",
-            "data.download=false",
-            "data.binarize=none",
-            "model.channels=[4,8]",
-            "model.hidden_dim=16",
-            f"model.latent_dim={LATENT}",
-        ],
+    cfg = tiny_config(
+        "data.dataset=mnist",
+        f"data.root={folder / 'data'}",
+        "data.download=false",
+        "data.binarize=none",
+        "model.hidden_dim=16",
+        f"model.latent_dim={LATENT}",
     )
-    torch.manual_seed(1)
-    save_weights(ConvVAE(cfg.model, (1, 28, 28)), folder / "model.safetensors")
-    (folder / "config.yaml").write_text(dump_config(cfg))
+    write_model_dir(folder, cfg, seed=1)
     return folder, written
 
 

@@ -14,24 +14,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
+from conftest import tiny_config, write_model_dir
 from PIL import Image
 
-from raytrain_vae.config import UserError, dump_config, load_config
-from raytrain_vae.export import save_weights
-from raytrain_vae.generate import png_bytes
+from raytrain_vae.batch_actors import png_bytes
+from raytrain_vae.config import UserError
 from raytrain_vae.inputs import read_inputs
-from raytrain_vae.model import ConvVAE
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 28 * 28
 
 
 def _model(folder: Path, shape: tuple[int, int, int]) -> Path:
-    cfg = load_config(None, ["model.channels=[4,8]", "model.hidden_dim=16", "model.latent_dim=3"])
-    torch.manual_seed(0)
-    save_weights(ConvVAE(cfg.model, shape), folder / "model.safetensors")
-    (folder / "config.yaml").write_text(dump_config(cfg))
+    write_model_dir(folder, tiny_config("model.hidden_dim=16", "model.latent_dim=3"), shape)
     return folder
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from raytrain_vae import heap
+from raytrain_vae.perf import heap
 
 # Training steps of the default model as train.py runs them, in the main thread and in another
 # thread (Ray Train runs the loop in one). With glibc's defaults, freed activations go back to the
@@ -18,10 +18,10 @@ STEPS = """
 import resource, statistics, sys, threading, torch
 from raytrain_vae.config import load_config
 from raytrain_vae.data import to_model_input
-from raytrain_vae.heap import retain_freed_memory
-from raytrain_vae.model import ConvVAE
+from raytrain_vae.perf.heap import retain_freed_memory
+from raytrain_vae.models.conv import ConvVAE
 from raytrain_vae.objectives import training_loss
-from raytrain_vae.train import make_optimizer
+from raytrain_vae.loop import make_optimizer
 if sys.argv[1] == "on":
     assert retain_freed_memory()
 def measure():
@@ -51,7 +51,7 @@ def measure():
 # the pad goes back to the kernel; without the top pad, a thread's emptied 64 MB heaps are unmapped.
 BLOCKS = """
 import ctypes, resource, sys, threading
-from raytrain_vae.heap import retain_freed_memory
+from raytrain_vae.perf.heap import retain_freed_memory
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
@@ -103,6 +103,7 @@ def _faults(script: str, mode: str, where: str) -> float:
     return float(out.stdout)
 
 
+@pytest.mark.slow  # trains the default model for a few dozen steps, twice
 @pytest.mark.skipif(not _glibc(), reason="glibc malloc only")
 @pytest.mark.parametrize("where", ["main", "thread"])
 def test_training_steps_stop_page_faulting(where: str) -> None:

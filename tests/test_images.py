@@ -5,20 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_idx_dataset
+from conftest import make_idx_dataset, tiny_config, write_model_dir
 from PIL import Image
 
-from raytrain_vae.config import dump_config, load_config
-from raytrain_vae.export import save_weights
 from raytrain_vae.images import interpolation_grid, latent_map, main
-from raytrain_vae.model import ConvVAE
+from raytrain_vae.models.conv import ConvVAE
 from raytrain_vae.outputs import MARKER
 
 
 def tiny_model(latent_dim: int) -> ConvVAE:
-    cfg = load_config(
-        None, ["model.channels=[4,8]", "model.hidden_dim=16", f"model.latent_dim={latent_dim}"]
-    )
+    cfg = tiny_config("model.hidden_dim=16", f"model.latent_dim={latent_dim}")
     torch.manual_seed(0)
     return ConvVAE(cfg.model, (1, 28, 28)).eval()
 
@@ -60,13 +56,11 @@ def test_latent_map_needs_two_latent_dims_and_tiles_the_plane(tmp_path):
 def test_images_cli_writes_every_picture(tmp_path):
     written = make_idx_dataset(n_train=40, n_test=32, height=28, width=28)
     written.write(tmp_path / "data")
-    cfg = load_config(
-        None,
-        ["data.dataset=mnist", f"data.root={tmp_path / 'data'}", "data.download=false",
-         "model.channels=[4,8]", "model.hidden_dim=16", "model.latent_dim=2"],
+    cfg = tiny_config(
+        "data.dataset=mnist", f"data.root={tmp_path / 'data'}", "data.download=false",
+        "model.hidden_dim=16",
     )  # fmt: skip
-    save_weights(ConvVAE(cfg.model, (1, 28, 28)), tmp_path / "model.safetensors")
-    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    write_model_dir(tmp_path, cfg)
     assert (
         main(["--model", str(tmp_path), "--output", str(tmp_path / "png"), "--num-samples", "9"])
         == 0

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from raytrain_vae.config import Config, ConfigError, ModelConfig, load_config
-from raytrain_vae.model import ELU, ConvVAE, ResidualBlock
+from raytrain_vae.config import Config, ConfigError, ModelSection, load_config
+from raytrain_vae.loop import set_learning_rate
+from raytrain_vae.models.conv import ConvVAE, ResidualBlock
 from raytrain_vae.objectives import (
     elbo_terms,
     free_bits_kl,
@@ -19,7 +20,7 @@ from raytrain_vae.objectives import (
     log_importance_weights,
     training_loss,
 )
-from raytrain_vae.train import set_learning_rate
+from raytrain_vae.perf.elu import ELU
 
 SHAPE = (1, 12, 12)
 
@@ -27,7 +28,7 @@ SHAPE = (1, 12, 12)
 def make_model(seed=0, **kw) -> ConvVAE:
     torch.manual_seed(seed)
     base = {"channels": [4, 8], "hidden_dim": 16, "latent_dim": 3}
-    return ConvVAE(ModelConfig(**{**base, **kw}), SHAPE)
+    return ConvVAE(ModelSection(**{**base, **kw}), SHAPE)
 
 
 def binary_batch(n=5, seed=1) -> torch.Tensor:

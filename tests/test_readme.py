@@ -1,7 +1,10 @@
-"""The README documents every config key and the commands CI runs."""
+"""The README documents every config key (and only real ones) and the commands CI runs."""
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -11,21 +14,64 @@ from raytrain_vae.config import Config
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _section_models(annotation: object) -> list[type[BaseModel]]:
+    """The BaseModel classes a field holds: itself, or every model of a (optional) union."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _section_models(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        models = [m for a in args for m in _section_models(a)]
+        if models and len(models) == len(args):
+            return models
+    return []
+
+
 def dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
+    """Every leaf config key as a full dotted path (`train.lr`, `search.scheduler.type`)."""
+    keys: list[str] = []
     for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += dotted_keys(ann, f"{prefix}{name}.")
+        sections = _section_models(field.annotation)
+        if sections:
+            for section in sections:
+                keys += [k for k in dotted_keys(section, f"{prefix}{name}.") if k not in keys]
         else:
             keys.append(prefix + name)
     return keys
 
 
-def test_readme_documents_every_config_key():
+def readme_config_keys() -> list[str]:
+    """The keys in the first column of the README's "Config reference" table."""
     readme = (REPO / "README.md").read_text()
-    missing = [k for k in dotted_keys(Config) if f"`{k}`" not in readme]
+    match = re.search(r"^## Config reference\n(.*?)(?=^## )", readme, re.M | re.S)
+    assert match, "README has no '## Config reference' section"
+    keys = re.findall(r"^\| `([^`]+)` \|", match.group(1), re.M)
+    assert keys, "README's config reference has no table of keys"
+    return keys
+
+
+def test_config_walk_finds_nested_keys():
+    keys = dotted_keys(Config)
+    assert "train.lr" in keys and "search.scheduler.grace_period" in keys
+    assert len(keys) == len(set(keys))
+    assert not any(k in {"data", "model", "train", "search", "search.scheduler"} for k in keys)
+
+
+def test_readme_documents_every_config_key():
+    documented = set(readme_config_keys())
+    missing = [k for k in dotted_keys(Config) if k not in documented]
     assert not missing, f"README config reference lacks {missing}"
+
+
+def test_readme_documents_only_real_config_keys():
+    listed = readme_config_keys()
+    real = set(dotted_keys(Config))
+    unknown = [k for k in listed if k not in real]
+    assert not unknown, f"README config reference lists keys that are not in Config: {unknown}"
+    duplicated = sorted({k for k in listed if listed.count(k) > 1})
+    assert not duplicated, f"README config reference lists keys twice: {duplicated}"
 
 
 def test_example_configs_list_every_key():

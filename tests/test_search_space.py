@@ -15,7 +15,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from raytrain_vae.config import Config, ConfigError, load_config, validate_config
-from raytrain_vae.model import ConvVAE
+from raytrain_vae.models.conv import ConvVAE
 from raytrain_vae.search_space import Param, parse_space, trial_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from raytrain_vae.checkpoint import load_checkpoint
 from raytrain_vae.config import Config, dump_config, load_config
-from raytrain_vae.export import ExportError, save_weights
-from raytrain_vae.model import ConvVAE
-from raytrain_vae.train import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, _load_checkpoint
+from raytrain_vae.model_io import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    ModelFileError,
+    save_weights,
+)
+from raytrain_vae.models.conv import ConvVAE
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = [
@@ -80,8 +86,8 @@ def test_resume_refuses_a_pickled_payload_in_the_optimizer_state(tmp_path):
     with open(folder / OPTIMIZER_FILE, "wb") as f:
         pickle.dump({"state": _Exploit(marker), "param_groups": []}, f)
     optimizer = torch.optim.AdamW(model.parameters())
-    with pytest.raises(ExportError, match="refused, not a plain tensor state") as info:
-        _load_checkpoint(folder, model, optimizer, cfg, torch.device("cpu"))
+    with pytest.raises(ModelFileError, match="refused, not a plain tensor state") as info:
+        load_checkpoint(folder, model, optimizer, cfg, torch.device("cpu"))
     assert "\n" not in str(info.value)
     assert not marker.exists(), "the pickled payload ran"
 
@@ -95,5 +101,5 @@ def test_resume_loads_a_plain_optimizer_state(tmp_path):
     optimizer.step()
     torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
     fresh = torch.optim.AdamW(model.parameters(), lr=0.5)
-    state = _load_checkpoint(folder, model, fresh, cfg, torch.device("cpu"))
-    assert state["epoch"] == 1 and fresh.param_groups[0]["lr"] == 0.01
+    state = load_checkpoint(folder, model, fresh, cfg, torch.device("cpu"))
+    assert state.epoch == 1 and fresh.param_groups[0]["lr"] == 0.01

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from raytrain_vae import shm_allreduce
-from raytrain_vae.shm_allreduce import SUPPORTED_MACHINES, shared_memory_all_reduce
+from raytrain_vae.perf import shm_allreduce
+from raytrain_vae.perf.shm_allreduce import SUPPORTED_MACHINES, shared_memory_all_reduce
 
 needs_x86 = pytest.mark.skipif(
     os.uname().machine.lower() not in SUPPORTED_MACHINES or not os.path.isdir("/dev/shm"),

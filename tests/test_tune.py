@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from raytrain_vae.config import load_config
-from raytrain_vae.data import SYSTEM_DIRS, load_splits
-from raytrain_vae.export import load_export
-from raytrain_vae.train import negative_elbo_sums
+from raytrain_vae.data import load_splits
+from raytrain_vae.data.idx import SYSTEM_DIRS
+from raytrain_vae.loop import negative_elbo_sums
+from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.tune import search
 
 pytestmark = pytest.mark.slow
@@ -111,7 +112,7 @@ def test_best_trial_is_chosen_by_val_neg_elbo_and_export_reproduces_it(asha_sear
         "README.md",
     } <= {p.name for p in export.iterdir()}
 
-    model, trial_cfg = load_export(export)
+    model, trial_cfg = load_model_dir(export)
     assert trial_cfg.model.latent_dim == best["model.latent_dim"]
     assert trial_cfg.model.channels == json.loads(best["model.channels"])
     val = load_splits(trial_cfg.data).val

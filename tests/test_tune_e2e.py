@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from raytrain_vae.data import SYSTEM_DIRS
+from raytrain_vae.data.idx import SYSTEM_DIRS
 from raytrain_vae.export import load_model
 
 pytestmark = pytest.mark.slow

@@ -11,22 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_model_dir
 from safetensors.torch import load_file, save_file
 
-from raytrain_vae.config import UserError, dump_config, load_config
-from raytrain_vae.export import (
-    CONFIG_FILE,
+from raytrain_vae.config import UserError, load_config
+from raytrain_vae.model_io import (
     FORMAT,
     FORMAT_V1,
     MODEL_FILE,
-    ExportError,
+    ModelFileError,
     image_shape_of,
-    load_export,
+    load_model_dir,
     load_weights,
-    save_weights,
     weights_digest,
 )
-from raytrain_vae.model import ConvVAE
 
 OVERRIDES = ["model.channels=[4,8]", "model.hidden_dim=8"]
 
@@ -39,9 +37,7 @@ def cfg():
 @pytest.fixture
 def weights(tmp_path, cfg) -> Path:
     """A model directory (weights and config) as export/training write it; returns the weights."""
-    torch.manual_seed(0)
-    save_weights(ConvVAE(cfg.model, (1, 28, 28)), tmp_path / MODEL_FILE)
-    (tmp_path / CONFIG_FILE).write_text(dump_config(cfg))
+    write_model_dir(tmp_path, cfg)
     return tmp_path / MODEL_FILE
 
 
@@ -56,8 +52,8 @@ def rewrite(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]
 
 
 def refusal(path: Path, device: str = "cpu") -> str:
-    """load_weights' error for path: an ExportError (a UserError) of one short line naming it."""
-    with pytest.raises(ExportError) as info:
+    """load_weights' error for path: an ModelFileError (a UserError) of one short line naming it."""
+    with pytest.raises(ModelFileError) as info:
         load_weights(path, device)
     assert isinstance(info.value, UserError)
     msg = str(info.value)
@@ -79,7 +75,7 @@ def test_round_trip_loads_the_same_tensors_with_checked_metadata(weights, cfg):
     assert state.keys() == raw.keys() and len(state) > 4
     for name, tensor in raw.items():
         assert torch.equal(state[name], tensor), name
-    model, _ = load_export(weights.parent)
+    model, _ = load_model_dir(weights.parent)
     assert model.image_shape == (1, 28, 28)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, raw[name]), name
@@ -174,7 +170,7 @@ def test_format_1_with_a_matching_tensor_checksum_loads(weights):
     assert meta["format"] == FORMAT_V1 and image_shape_of(meta) == (1, 28, 28)
     for name, tensor in raw.items():
         assert torch.equal(state[name], tensor), name
-    model, _ = load_export(weights.parent)
+    model, _ = load_model_dir(weights.parent)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, raw[name]), name
 
@@ -304,8 +300,8 @@ def test_bad_image_shape_is_refused_even_with_a_recomputed_checksum(weights, sha
     meta = {**header(weights), "image_shape": shape}
     rewrite(weights, state, {**meta, "sha256": weights_digest(state, meta)})
     assert "image_shape" in refusal(weights)
-    with pytest.raises(ExportError, match="image_shape") as info:
-        load_export(weights.parent)
+    with pytest.raises(ModelFileError, match="image_shape") as info:
+        load_model_dir(weights.parent)
     assert "\n" not in str(info.value)
 
 
@@ -314,8 +310,8 @@ def test_bad_image_shape_in_a_format_1_file_is_refused(weights, shape):
     # Format /1's checksum does not cover the metadata: the strict parse is what refuses it.
     write_v1(weights, load_file(weights), image_shape=shape)
     assert "image_shape" in refusal(weights)
-    with pytest.raises(ExportError, match="image_shape"):
-        load_export(weights.parent)
+    with pytest.raises(ModelFileError, match="image_shape"):
+        load_model_dir(weights.parent)
 
 
 def test_missing_image_shape_is_refused(weights):
@@ -335,5 +331,5 @@ def test_image_shape_of_good_shapes(text, shape):
 
 @pytest.mark.parametrize("shape", BAD_SHAPES)
 def test_image_shape_of_bad_shapes(shape):
-    with pytest.raises(ExportError, match="image_shape"):
+    with pytest.raises(ModelFileError, match="image_shape"):
         image_shape_of({"image_shape": shape})

@@ -22,11 +22,10 @@ def retain_freed_memory() -> bool:
     """Make glibc keep freed blocks for reuse instead of returning them to the kernel; returns
     whether it took (False off glibc, e.g. on macOS or musl).
 
-    PyTorch's CPU allocator mallocs and frees every activation each step. With glibc's default
-    (dynamic) thresholds, large freed blocks go back to the kernel (munmap, or a trim of the heap
-    top), and the next step page-faults and zero-fills them again: 2800-3900 faults (11-15 MB)
-    per step of the default model, and 1.1-1.2x a step's speed without them (README,
-    Performance). The heap keeps its peak size instead, as a caching allocator would."""
+    PyTorch's CPU allocator mallocs and frees every activation each step; with glibc's dynamic
+    thresholds large freed blocks go back to the kernel and the next step page-faults them in
+    again (1.1-1.2x a step's speed without; docs/performance.md). The heap keeps its peak size
+    instead, as a caching allocator would."""
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl's mallopt does nothing

@@ -1,51 +1,15 @@
-"""ConvVAE: a convolutional encoder q(z|x) and decoder p(x|z) built from ModelConfig."""
+"""The conv model family (model.type: conv): a stride-2 conv encoder and a mirrored decoder."""
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
 
-from raytrain_vae.config import Config, ConfigError, ModelConfig
-
-
-class _ELUFromExp(torch.autograd.Function):
-    """ELU (alpha 1) as max(x, exp(min(x, 0)) - 1), with the gradient taken from the output.
-
-    The output is saved for backward, so it must not be modified in place (the model never
-    does). Reverse mode only: no forward-mode autodiff or torch.func transforms."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        # exp(x) - 1 >= x for every x, so the max picks x above 0 and exp(x) - 1 below.
-        y = x.clamp(max=0).exp_().sub_(1)
-        y = torch.maximum(y, x, out=y)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
-        # d/dx = 1 above 0 and exp(x) = y + 1 below: no exp, and the input need not be kept.
-        return torch.ops.aten.elu_backward(grad, 1.0, 1, 1.0, True, y)
-
-
-class ELU(nn.ELU):
-    """nn.ELU, faster on CPU in fp32/fp64: torch's CPU kernel calls a scalar expm1 per element
-    and keeps the input for backward; exp is vectorised and the output gives the gradient.
-    Through autograd, 1.4x an ELU's forward + backward and 1.04x a default training step
-    (README, Performance)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # CUDA's ELU is one fused kernel already; in bf16 torch's kernel computes in fp32, while
-        # exp() - 1 here would round twice.
-        fast = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        if not fast or self.alpha != 1.0 or self.inplace:
-            return super().forward(x)
-        return _ELUFromExp.apply(x)
-
+from raytrain_vae.config import ConfigError, ModelSection
+from raytrain_vae.likelihoods import likelihood_for
+from raytrain_vae.perf.elu import ELU
 
 ACTIVATIONS = {"relu": nn.ReLU, "elu": ELU, "silu": nn.SiLU}
 
@@ -69,14 +33,15 @@ class ResidualBlock(nn.Module):
 class ConvVAE(nn.Module):
     """Stride-2 conv encoder -> dense -> (mu, logvar); mirrored transposed-conv decoder.
 
-    The decoder returns the parameters of p(x|z): Bernoulli logits, or Gaussian means (with one
-    learned log-sigma shared by all pixels).
+    The decoder returns the parameters of p(x|z) that model.likelihood names
+    (raytrain_vae.likelihoods).
     """
 
-    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    def __init__(self, cfg: ModelSection, image_shape: tuple[int, int, int]) -> None:
         super().__init__()
         self.cfg = cfg
         self.image_shape = tuple(image_shape)
+        self.likelihood = likelihood_for(cfg.likelihood)
         c_in, h, w = self.image_shape
         k, pad = cfg.kernel_size, (cfg.kernel_size - 1) // 2
         act = ACTIVATIONS[cfg.activation]
@@ -113,7 +78,8 @@ class ConvVAE(nn.Module):
         self.decoder_dense = nn.Sequential(*dense)
         # Stage i works at the resolution of encoder layer n-1-i, then upsamples by 2.
         ins = list(reversed(cfg.channels))
-        outs = [*reversed(cfg.channels[:-1]), cfg.decoder_head_channels or c_in]
+        pixels_out = self.likelihood.decoder_channels(c_in)
+        outs = [*reversed(cfg.channels[:-1]), cfg.decoder_head_channels or pixels_out]
         self.decoder_blocks = nn.ModuleList(
             nn.Sequential(*(ResidualBlock(c, act) for _ in range(cfg.residual_blocks))) for c in ins
         )
@@ -123,12 +89,12 @@ class ConvVAE(nn.Module):
         )
         self.act = act()
         self.decoder_head = (
-            nn.Conv2d(cfg.decoder_head_channels, c_in, 3, padding=1)
+            nn.Conv2d(cfg.decoder_head_channels, pixels_out, 3, padding=1)
             if cfg.decoder_head_channels
             else None
         )
-        if cfg.likelihood == "gaussian":
-            self.log_sigma = nn.Parameter(torch.zeros(()))
+        for name, parameter in self.likelihood.new_parameters().items():
+            self.register_parameter(name, parameter)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) in [0, 1] -> mean and log-variance of q(z|x), each (B, latent_dim)."""
@@ -167,9 +133,7 @@ class ConvVAE(nn.Module):
 
     def mean_image(self, out: torch.Tensor) -> torch.Tensor:
         """Decoder output -> expected image E[x|z] in [0, 1]."""
-        if self.cfg.likelihood == "bernoulli":
-            return torch.sigmoid(out)
-        return out.clamp(0, 1)
+        return self.likelihood.mean(out)
 
     @torch.no_grad()
     def sample(
@@ -189,56 +153,3 @@ class ConvVAE(nn.Module):
     @property
     def num_pixels(self) -> int:
         return math.prod(self.image_shape)
-
-
-def training_memory_bytes(
-    cfg: ModelConfig, image_shape: tuple[int, int, int], batch: int, samples: int = 1
-) -> int:
-    """Bytes one worker needs to train, roughly: every parameter four times in fp32 (weights,
-    gradients, AdamW's two moments) plus each layer's output for a batch, kept for backward.
-    Counted on the meta device, so nothing is allocated whatever the sizes."""
-    outputs: list[int] = []
-    with torch.device("meta"):
-        model = ConvVAE(cfg, image_shape)
-        for module in model.modules():
-            if not list(module.children()):
-                module.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel()))
-        model(torch.empty(batch, *image_shape), samples=samples)
-    params = sum(p.numel() for p in model.parameters())
-    return 4 * (4 * params + sum(outputs))
-
-
-def machine_memory_bytes() -> int | None:
-    """Physical memory of this machine, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_trainable(cfg: Config, image_shape: tuple[int, int, int]) -> None:
-    """Refuse, before anything is allocated, a model that cannot be built for these images, or
-    whose training needs more than 10x this machine's memory (workers elsewhere may be larger,
-    but not by orders of magnitude)."""
-    per_worker = cfg.train.batch_size // cfg.scaling.num_workers
-    try:
-        need = training_memory_bytes(cfg.model, image_shape, per_worker, cfg.train.iwae_k)
-    except (RuntimeError, ValueError, OverflowError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:150]
-        raise ConfigError(f"model: cannot be built ({reason})") from None
-    check_fits_memory(
-        need,
-        f"model: training it with {per_worker} images per worker",
-        "lower model.channels, model.hidden_dim, model.latent_dim or train.batch_size",
-    )
-
-
-def check_fits_memory(need: int, what: str, fix: str) -> None:
-    """Refuse work that needs more than 10x this machine's memory: it could only fail later, in
-    a worker, after minutes, or swap the machine to a halt."""
-    have = machine_memory_bytes()
-    if have and need > 10 * have:
-        raise ConfigError(
-            f"{what} needs about {need / 2**30:,.0f} GiB, over 10x this machine's "
-            f"{have / 2**30:.0f} GiB; {fix}"
-        )

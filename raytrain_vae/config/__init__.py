@@ -1,0 +1,72 @@
+"""Typed, validated run configuration: YAML file + dotted command-line overrides -> Config."""
+
+from raytrain_vae.config.base import (
+    CONFIG_MAX_BYTES,
+    OPTUNA_SEED_LIMIT,
+    SEED_LIMIT,
+    WIDTH_LIMIT,
+    YAML_MAX_DEPTH,
+    YAML_MAX_VALUES,
+    ConfigError,
+    Section,
+    UserError,
+    is_uri,
+    stream_seed,
+)
+from raytrain_vae.config.loading import (
+    apply_overrides,
+    load_config,
+    parse_override,
+    parse_yaml,
+    read_yaml_mapping,
+    set_dotted,
+)
+from raytrain_vae.config.schema import Config, dump_config, is_config_key, validate_config
+from raytrain_vae.config.search import (
+    REPORTED_METRICS,
+    AlgorithmSection,
+    ExportSection,
+    SchedulerSection,
+    SearchSection,
+)
+from raytrain_vae.config.sections import (
+    DataSection,
+    ModelSection,
+    RunSection,
+    ScalingSection,
+    TrainSection,
+)
+
+__all__ = [
+    "CONFIG_MAX_BYTES",
+    "OPTUNA_SEED_LIMIT",
+    "REPORTED_METRICS",
+    "SEED_LIMIT",
+    "WIDTH_LIMIT",
+    "YAML_MAX_DEPTH",
+    "YAML_MAX_VALUES",
+    "AlgorithmSection",
+    "Config",
+    "ConfigError",
+    "DataSection",
+    "ExportSection",
+    "ModelSection",
+    "RunSection",
+    "ScalingSection",
+    "SchedulerSection",
+    "SearchSection",
+    "Section",
+    "TrainSection",
+    "UserError",
+    "apply_overrides",
+    "dump_config",
+    "is_config_key",
+    "is_uri",
+    "load_config",
+    "parse_override",
+    "parse_yaml",
+    "read_yaml_mapping",
+    "set_dotted",
+    "stream_seed",
+    "validate_config",
+]
