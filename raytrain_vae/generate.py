@@ -22,7 +22,13 @@ from raytrain_vae.inputs import read_inputs
 from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.models.sizing import check_fits_memory, training_memory_bytes
 from raytrain_vae.outputs import check_output_dir, staged_dir
-from raytrain_vae.runtime import ResourceError, describe, init_ray, require_resources
+from raytrain_vae.runtime import (
+    RAY_DATA_ERROR_LOGGERS,
+    ResourceError,
+    describe,
+    init_ray,
+    require_resources,
+)
 
 MAX_BATCH = 2**20
 MAX_ACTORS = 10_000
@@ -100,14 +106,6 @@ def _write_job(dataset_fn, actor: type, kwargs: dict, out: Path, options: JobOpt
         ).write_parquet(str(tmp))
         rows = sum(pq.read_metadata(f).num_rows for f in tmp.glob("*.parquet"))
     return rows
-
-
-# Ray Data logs the traceback of an exception it does not wrap as a UserCodeException; the CLI
-# prints the error's one line instead.
-RAY_DATA_ERROR_LOGGERS = (
-    "ray.data._internal.execution.streaming_executor_state",
-    "ray.data.exceptions",
-)
 
 
 @contextmanager

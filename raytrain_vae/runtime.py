@@ -22,6 +22,13 @@ POLL_S = 5.0
 # Ray 2.60 logs every ray.train.report (with all its metrics) at INFO through a logger of this
 # private module, named after its file, which LoggingConfig's "ray.train" level misses.
 TRAIN_REPORT_MODULE = "ray.train.v2._internal.execution.context"
+# Ray Data logs the traceback of an exception it does not wrap as a UserCodeException, through
+# the loggers of these modules (named after them; the first is private); a batch job's CLI
+# prints the error's one line instead.
+RAY_DATA_ERROR_LOGGERS = (
+    "ray.data._internal.execution.streaming_executor_state",
+    "ray.data.exceptions",
+)
 
 
 class ResourceError(UserError):

@@ -283,3 +283,10 @@ def test_a_renamed_ray_module_leaves_the_lines_showing(monkeypatch, report_modul
     level = report_module.logger.level
     quiet_train_report_log("WARNING")  # no error, and nothing else is touched
     assert report_module.logger.level == level
+
+
+@pytest.mark.parametrize("name", runtime.RAY_DATA_ERROR_LOGGERS)
+def test_ray_data_error_loggers_are_rays_loggers(name):
+    # generate quiets these loggers by name; fails loudly when Ray moves or renames them.
+    module = importlib.import_module(name)
+    assert module.logger is logging.getLogger(name)
