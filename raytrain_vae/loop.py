@@ -3,12 +3,13 @@ cross-rank reduction, divergence check and the epoch's metrics."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -51,9 +52,6 @@ class EpochSums:
         return torch.tensor(astuple(self), dtype=torch.float64, device=device)
 
 
-SUM_FIELDS = [f.name for f in fields(EpochSums)]
-
-
 @dataclass
 class RankRun:
     """What one rank trains with, fixed for the whole run."""
@@ -68,17 +66,23 @@ class RankRun:
     rank: int = 0
     world: int = 1
 
-    @property
+    # Derived once: train_step reads them every step.
+    @functools.cached_property
     def device(self) -> torch.device:
         return self.train_images.device
 
-    @property
+    @functools.cached_property
     def batch_per_rank(self) -> int:
         return self.cfg.train.batch_size // self.world
 
-    @property
+    @functools.cached_property
     def steps_per_epoch(self) -> int:
         return -(-(len(self.train_images) // self.world) // self.batch_per_rank)
+
+    @functools.cached_property
+    def autocast(self) -> AbstractContextManager:
+        """The forward pass's autocast (re-entered every step)."""
+        return autocast_for(self.cfg, self.device)
 
 
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
@@ -128,7 +132,7 @@ def train_step(run: RankRun, state: TrainState, x: torch.Tensor) -> tuple[torch.
     cfg = run.cfg.train
     weight = kl_weight(state.step, run.steps_per_epoch, cfg.beta, cfg.kl_warmup_epochs)
     set_learning_rate(run.optimizer, run.cfg, state.step, run.steps_per_epoch)
-    with autocast_for(run.cfg, run.device):
+    with run.autocast:
         loss, recon, kl = training_loss(run.trained, x, weight, cfg.free_bits, cfg.iwae_k)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -48,16 +48,13 @@ def build_trainer(
 
     Ray keeps the run.checkpoints_to_keep best checkpoints by `score`, and always the latest."""
     s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = s.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json")},
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
-            resources_per_worker=resources,
+            resources_per_worker=worker_resources(cfg),
             placement_strategy=s.placement_strategy,
         ),
         run_config=RunConfig(
@@ -93,11 +90,15 @@ def user_error_from(exc: ray.train.TrainingFailedError) -> UserError | None:
     return None
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one Ray Train worker reserves: its CPUs, and its GPUs when scaling.use_gpu."""
+    s = cfg.scaling
+    return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+
+
 def worker_bundles(cfg: Config, extra_cpus: float = 0.0) -> list[dict[str, float]]:
     """The resources of one run: a bundle per worker, plus extra_cpus (a Tune trial's own)."""
-    s = cfg.scaling
-    bundle = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
-    bundles = [dict(bundle) for _ in range(s.num_workers)]
+    bundles = [worker_resources(cfg) for _ in range(cfg.scaling.num_workers)]
     if extra_cpus:
         bundles.append({"CPU": extra_cpus})
     return bundles

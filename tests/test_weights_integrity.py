@@ -51,8 +51,13 @@ def rewrite(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]
     save_file(state, path, metadata=metadata)
 
 
+def rewrite_signed(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Rewrite as an attacker who recomputes the format /2 checksum over what they changed."""
+    rewrite(path, state, {**metadata, "sha256": weights_digest(state, metadata)})
+
+
 def refusal(path: Path, device: str = "cpu") -> str:
-    """load_weights' error for path: an ModelFileError (a UserError) of one short line naming it."""
+    """load_weights' error for path: a ModelFileError (a UserError) of one short line naming it."""
     with pytest.raises(ModelFileError) as info:
         load_weights(path, device)
     assert isinstance(info.value, UserError)
@@ -122,7 +127,7 @@ def test_a_bit_flipped_in_the_tensor_bytes_is_refused(weights):
 def test_unknown_format_is_refused_even_with_a_recomputed_checksum(weights):
     state = load_file(weights)
     meta = {**header(weights), "format": "raytrain_vae.convvae/3"}
-    rewrite(weights, state, {**meta, "sha256": weights_digest(state, meta)})
+    rewrite_signed(weights, state, meta)
     msg = refusal(weights)
     assert "unknown weights format" in msg and "convvae/3" in msg
 
@@ -130,14 +135,14 @@ def test_unknown_format_is_refused_even_with_a_recomputed_checksum(weights):
 def test_missing_format_is_refused(weights):
     state, meta = load_file(weights), header(weights)
     del meta["format"]
-    rewrite(weights, state, {**meta, "sha256": weights_digest(state, meta)})
+    rewrite_signed(weights, state, meta)
     assert "unknown weights format" in refusal(weights)
 
 
 def test_unknown_metadata_keys_are_refused_even_with_a_recomputed_checksum(weights):
     state = load_file(weights)
     meta = {**header(weights), "note": "hello"}
-    rewrite(weights, state, {**meta, "sha256": weights_digest(state, meta)})
+    rewrite_signed(weights, state, meta)
     msg = refusal(weights)
     assert "unknown keys" in msg and "note" in msg
 
@@ -149,7 +154,7 @@ LONG = "line one\nTraceback " + "x" * 2000
 def test_long_or_multi_line_header_text_gives_one_short_line(weights, key, value):
     state = load_file(weights)
     meta = {**header(weights), key: value}
-    rewrite(weights, state, {**meta, "sha256": weights_digest(state, meta)})
+    rewrite_signed(weights, state, meta)
     msg = refusal(weights)
     assert "x" * 50 in msg and "x" * 400 not in msg  # quoted, then cut
 
@@ -298,7 +303,7 @@ BAD_SHAPES = [
 def test_bad_image_shape_is_refused_even_with_a_recomputed_checksum(weights, shape):
     state = load_file(weights)
     meta = {**header(weights), "image_shape": shape}
-    rewrite(weights, state, {**meta, "sha256": weights_digest(state, meta)})
+    rewrite_signed(weights, state, meta)
     assert "image_shape" in refusal(weights)
     with pytest.raises(ModelFileError, match="image_shape") as info:
         load_model_dir(weights.parent)
@@ -317,7 +322,7 @@ def test_bad_image_shape_in_a_format_1_file_is_refused(weights, shape):
 def test_missing_image_shape_is_refused(weights):
     state, meta = load_file(weights), header(weights)
     del meta["image_shape"]
-    rewrite(weights, state, {**meta, "sha256": weights_digest(state, meta)})
+    rewrite_signed(weights, state, meta)
     assert "image_shape" in refusal(weights)
 
 
