@@ -196,7 +196,7 @@ def main() -> None:
     floor = binarization_entropy(raw.test[: len(splits.test)])
     print(f"machine: {machine()}")
     print(
-        f"data: {cfg.data.dataset}, {len(splits.train)} training images, "
+        f"data: {cfg.data.source}, {len(splits.train)} training images, "
         f"{len(splits.test)} test images, batch {cfg.train.batch_size}, {args.epochs} epochs"
     )
     print(f"binarization entropy of the test images ({ENTROPY_NOTE}): {floor:.2f} nats")

@@ -1,20 +1,52 @@
-"""The Ray Data actors of the batch jobs: a model loaded once per actor, batches of rows in,
-Arrow tables of latents, images (PNG) and scores out."""
+"""The Ray Data side of the batch jobs: input datasets (a split in memory, or the user's files
+read by one task per unit), and the actors, which load a model once and turn batches of rows
+into Arrow tables of latents, images (PNG) and scores."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
+import ray.data
 import torch
 from PIL import Image
 
-from raytrain_vae.inputs import fixed_size_list
+from raytrain_vae.ingest import READ_TASK_CPUS
+from raytrain_vae.input_rows import InputPlan, InputUnit, fixed_size_list, read_input_unit
 from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.models import VAE
 from raytrain_vae.objectives import kl_to_standard_normal, reconstruction_nll
 from raytrain_vae.perf.heap import retain_freed_memory
+
+
+def split_dataset(table: pa.Table, batch_size: int) -> Callable[[], ray.data.Dataset]:
+    """The rows of a split held in memory, one block per batch (at most 200) so every actor
+    gets work."""
+    step = max(batch_size, -(-table.num_rows // 200))
+    blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]
+    return lambda: ray.data.from_arrow(blocks)
+
+
+def input_dataset(units: list[InputUnit], plan: InputPlan) -> Callable[[], ray.data.Dataset]:
+    """The user's input as a stream: one Ray Data task per unit reads and checks its rows (the
+    driver only listed the files and Parquet footers)."""
+    items = [dataclasses.asdict(u) for u in units]
+    return lambda: ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_input_rows,
+        fn_kwargs={"plan": plan},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=READ_TASK_CPUS,
+    )
+
+
+def read_input_rows(batch: pa.Table, plan: InputPlan) -> pa.Table:
+    """A Ray Data task: the units in a batch -> their checked rows."""
+    units = [InputUnit(**{**row, "files": tuple(row["files"])}) for row in batch.to_pylist()]
+    return pa.concat_tables([read_input_unit(unit, plan) for unit in units])
 
 
 def latents_for(ids: np.ndarray, latent_dim: int, seed: int) -> torch.Tensor:

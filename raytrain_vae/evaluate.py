@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     images = images[: args.limit] if args.limit else images
     start = time.perf_counter()
     metrics = evaluate(model, images, args.k, args.batch_size, args.seed, device)
-    metrics |= {"split": args.split, "dataset": cfg.data.dataset, "binarize": cfg.data.binarize}
+    metrics |= {"split": args.split, "dataset": cfg.data.source, "binarize": cfg.data.binarize}
     metrics["seconds"] = time.perf_counter() - start
     metrics["written_by"] = WRITTEN_BY  # lets a later run replace this file, and nothing else
     text = json.dumps(metrics, indent=1)

@@ -32,7 +32,7 @@ def _model_card(cfg: Config, metrics: dict[str, Any]) -> str:
     lines = [
         "# ConvVAE exported by raytrain_vae",
         "",
-        f"Dataset: {cfg.data.dataset} ({cfg.data.binarize} binarization), "
+        f"Dataset: {cfg.data.source} ({cfg.data.binarize} binarization), "
         f"likelihood {m.likelihood}, latent_dim {m.latent_dim}, channels {m.channels}, "
         f"kernel {m.kernel_size}, hidden {m.hidden_dim}.",
         f"Trained {metrics.get('epoch', '?')} epochs, batch {cfg.train.batch_size}, "

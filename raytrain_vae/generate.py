@@ -15,10 +15,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray
 
-from raytrain_vae.batch_actors import Encoder, Sampler
+from raytrain_vae.batch_actors import Encoder, Sampler, input_dataset, split_dataset
 from raytrain_vae.cli import check_flag, run_cli
 from raytrain_vae.config import SEED_LIMIT, UserError
-from raytrain_vae.inputs import read_inputs
+from raytrain_vae.input_rows import read_input_unit
+from raytrain_vae.inputs import input_units, read_inputs
 from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.models.sizing import check_fits_memory, training_memory_bytes
 from raytrain_vae.outputs import check_output_dir, staged_dir
@@ -180,14 +181,16 @@ def encode_images(
     options = JobOptions(batch_size, concurrency, num_gpus, overwrite, resource_wait_s)
     out = _check_job(output, options, seed)
     check_model_fits(model_dir, options)
-    table = read_inputs(model_dir, split, input_path)
     kwargs = {"model_dir": str(Path(model_dir).resolve()), "seed": seed, "reconstruct": reconstruct}
-    # One block per batch (at most 200) so every actor gets work.
-    step = max(batch_size, -(-table.num_rows // 200))
-    blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]
-    return _write_job(
-        lambda: ray.data.from_arrow(blocks), Encoder, kwargs, out, options, batch_format="pyarrow"
-    )
+    if input_path is None:
+        dataset_fn = split_dataset(read_inputs(model_dir, split, None), batch_size)
+    else:
+        units, plan = input_units(model_dir, input_path)
+        # The first unit is read here too: most bad input shows in it, and fails before Ray
+        # starts; the rest is checked unit by unit in the tasks.
+        read_input_unit(units[0], plan)
+        dataset_fn = input_dataset(units, plan)
+    return _write_job(dataset_fn, Encoder, kwargs, out, options, batch_format="pyarrow")
 
 
 def _job_args(parser: argparse.ArgumentParser) -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import astuple, dataclass
-from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -21,11 +20,9 @@ from raytrain_vae.config import Config, UserError, stream_seed
 from raytrain_vae.data import shard_indices, to_model_input
 from raytrain_vae.models import VAE
 from raytrain_vae.objectives import bits_per_dim, elbo_terms, kl_weight, training_loss
+from raytrain_vae.optim import set_learning_rate
 
 EVAL_BATCH = 1024
-# Test-only fault injection: "<epoch>:<marker file>" makes rank 0 die (os._exit) once, at the
-# start of that epoch, so tests can check that Ray Train restarts from the last checkpoint.
-FAIL_ONCE_ENV = "RAYTRAIN_VAE_FAIL_ONCE_AT_EPOCH"
 
 
 class TrainingDiverged(UserError):
@@ -52,24 +49,44 @@ class EpochSums:
         return torch.tensor(astuple(self), dtype=torch.float64, device=device)
 
 
+class BatchStream(Protocol):
+    """Images streamed to this rank (data.ingest: stream) instead of held in memory."""
+
+    n_train: int  # training images of one epoch, over all ranks
+
+    def train_batches(self, epoch: int, batch_size: int) -> Iterable[torch.Tensor]:
+        """This rank's share of an epoch, freshly shuffled: uint8 (B, C, H, W) on the device."""
+        ...
+
+    def val_batches(self, batch_size: int) -> Iterable[torch.Tensor]:
+        """This rank's share of the validation images (disjoint from other ranks' shares)."""
+        ...
+
+
 @dataclass
 class RankRun:
-    """What one rank trains with, fixed for the whole run."""
+    """What one rank trains with, fixed for the whole run: images in memory (uint8 tensors
+    on the device), or a stream of them."""
 
     cfg: Config
     model: VAE  # the model itself: evaluation, checkpoints
     trained: nn.Module  # what training calls: the model, or its DDP wrapper
     optimizer: torch.optim.Optimizer
-    train_images: torch.Tensor  # uint8 (N, C, H, W) on the device
-    val_images: torch.Tensor
+    train_images: torch.Tensor | None  # uint8 (N, C, H, W) on the device; None when streamed
+    val_images: torch.Tensor | None
     dynamic_binarize: bool
     rank: int = 0
     world: int = 1
+    stream: BatchStream | None = None
 
     # Derived once: train_step reads them every step.
     @functools.cached_property
     def device(self) -> torch.device:
-        return self.train_images.device
+        return next(self.model.parameters()).device
+
+    @functools.cached_property
+    def n_train(self) -> int:
+        return self.stream.n_train if self.stream is not None else len(self.train_images)
 
     @functools.cached_property
     def batch_per_rank(self) -> int:
@@ -77,36 +94,12 @@ class RankRun:
 
     @functools.cached_property
     def steps_per_epoch(self) -> int:
-        return -(-(len(self.train_images) // self.world) // self.batch_per_rank)
+        return -(-(self.n_train // self.world) // self.batch_per_rank)
 
     @functools.cached_property
     def autocast(self) -> AbstractContextManager:
         """The forward pass's autocast (re-entered every step)."""
         return autocast_for(self.cfg, self.device)
-
-
-def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the model, with the fused kernel where torch has one for the device."""
-    # One kernel for every parameter instead of a loop over tensors (docs/performance.md). The
-    # state dict is the same either way, so checkpoints of an unfused run resume.
-    return torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        fused=device.type in ("cpu", "cuda"),
-    )
-
-
-def set_learning_rate(
-    optimizer: torch.optim.Optimizer, cfg: Config, step: int, steps_per_epoch: int
-) -> None:
-    """train.lr_schedule at this optimizer step; a pure function of the step, so a resumed run
-    needs no scheduler state."""
-    lr = cfg.train.lr
-    if cfg.train.lr_schedule == "cosine":
-        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / (cfg.train.epochs * steps_per_epoch))))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def autocast_for(cfg: Config, device: torch.device) -> AbstractContextManager:
@@ -143,20 +136,29 @@ def train_step(run: RankRun, state: TrainState, x: torch.Tensor) -> tuple[torch.
     return loss.detach(), recon.detach(), kl.detach(), weight
 
 
+def epoch_batches(run: RankRun, epoch: int) -> Iterator[torch.Tensor]:
+    """This rank's uint8 batches of an epoch: a seeded shuffle of the images in memory, split
+    into equal disjoint shards, or the stream's shard."""
+    if run.stream is not None:
+        yield from run.stream.train_batches(epoch, run.batch_per_rank)
+        return
+    n = len(run.train_images)
+    idx = shard_indices(n, run.rank, run.world, epoch, run.cfg.train.seed).to(run.device)
+    for start in range(0, n // run.world, run.batch_per_rank):
+        yield run.train_images[idx[start : start + run.batch_per_rank]]
+
+
 def train_epoch(
     run: RankRun, state: TrainState, epoch: int, binarizer: torch.Generator
 ) -> tuple[torch.Tensor, float]:
     """One pass over this rank's shard: ([images, loss sum, recon sum, KL sum] as a float64
     tensor on the device, the last KL weight). Sums stay on the device: no sync per step."""
     seed_epoch(run.cfg, epoch, run.rank, binarizer)
-    n = len(run.train_images)
-    idx = shard_indices(n, run.rank, run.world, epoch, run.cfg.train.seed).to(run.device)
     sums = torch.zeros(4, dtype=torch.float64, device=run.device)
     weight = run.cfg.train.beta
     memory_format = memory_format_for(run.cfg)
     run.model.train()
-    for start in range(0, n // run.world, run.batch_per_rank):
-        batch = run.train_images[idx[start : start + run.batch_per_rank]]
+    for batch in epoch_batches(run, epoch):
         x = to_model_input(batch, run.dynamic_binarize, binarizer)
         loss, recon, kl, weight = train_step(run, state, x.contiguous(memory_format=memory_format))
         sums[0] += len(x)
@@ -166,20 +168,28 @@ def train_epoch(
     return sums, weight
 
 
-@torch.no_grad()
 def negative_elbo_sums(
     model: VAE, images: torch.Tensor, indices: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
     """[count, sum of reconstruction NLL, sum of KL] over images[indices] (beta = 1, eval mode).
 
     The reparameterisation noise is seeded so that the same model scores the same every time."""
+    batches = (images[indices[i : i + EVAL_BATCH]] for i in range(0, len(indices), EVAL_BATCH))
+    return batch_elbo_sums(model, batches, device)
+
+
+@torch.no_grad()
+def batch_elbo_sums(
+    model: VAE, batches: Iterable[torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """negative_elbo_sums over uint8 batches as they come (from memory or a stream)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
-        for start in range(0, len(indices), EVAL_BATCH):
-            x = to_model_input(images[indices[start : start + EVAL_BATCH]].to(device), False)
+        for batch in batches:
+            x = to_model_input(batch.to(device), False)
             recon, kl = elbo_terms(model, x)
             sums[0] += len(x)
             sums[1:] += torch.stack([recon.sum(), kl.sum()])
@@ -260,7 +270,10 @@ def run_epoch(
     start = time.perf_counter()
     train, weight = train_epoch(run, state, epoch, binarizer)
     train_s = time.perf_counter() - start
-    val = negative_elbo_sums(run.model, run.val_images, val_indices, run.device)
+    if run.stream is not None:
+        val = batch_elbo_sums(run.model, run.stream.val_batches(EVAL_BATCH), run.device)
+    else:
+        val = negative_elbo_sums(run.model, run.val_images, val_indices, run.device)
     totals = reduce_sums(train, val, lambda t: reduce(t, "sum"))
     seconds = torch.tensor([train_s, time.perf_counter() - start], dtype=torch.float64)
     slowest = reduce(seconds.to(run.device), "max").tolist()
@@ -269,18 +282,3 @@ def run_epoch(
     state.epoch = epoch + 1
     state.history.append(metrics)
     return metrics
-
-
-def fault_injector(rank: int) -> Callable[[int], None] | None:
-    """Read FAIL_ONCE_ENV once, at start-up: None (the production path) unless a test set it."""
-    spec = os.environ.get(FAIL_ONCE_ENV)
-    if not spec or rank != 0:
-        return None
-    at, marker = spec.split(":", 1)
-
-    def fail_once(epoch: int) -> None:
-        if epoch == int(at) and not os.path.exists(marker):
-            Path(marker).touch()
-            os._exit(1)
-
-    return fail_once

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow.fs
 
-from raytrain_vae.config import Config, ConfigError, is_uri
+from raytrain_vae.config import Config, ConfigError
 from raytrain_vae.search_space import Param
+from raytrain_vae.storage import filesystem_for
 
 
 def trial_table(cfg: Config, params: list[Param], results: Iterable[Any]) -> pd.DataFrame:
@@ -89,11 +89,7 @@ def plot_pareto(table: pd.DataFrame, front: pd.DataFrame, metrics: list[str], pa
 
 def write_table(table: pd.DataFrame, folder: str, stem: str) -> list[str]:
     """CSV and Parquet next to the experiment (local path or pyarrow URI)."""
-    fs, base = (
-        pyarrow.fs.FileSystem.from_uri(folder)
-        if is_uri(folder)
-        else (pyarrow.fs.LocalFileSystem(), folder)
-    )
+    fs, base = filesystem_for(folder)
     fs.create_dir(base, recursive=True)
     written = []
     for ext in ("csv", "parquet"):

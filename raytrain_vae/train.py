@@ -21,10 +21,12 @@ from ray.train.torch import TorchTrainer
 from raytrain_vae.checkpoint import check_resumable, read_state
 from raytrain_vae.cli import config_from_args, run_cli
 from raytrain_vae.config import Config, UserError
-from raytrain_vae.data import check_split_fits, ensure_files, image_shape
+from raytrain_vae.data import check_split_fits, ensure_files, image_shape, ingest_mode
+from raytrain_vae.ingest import READ_TASK_CPUS, ShardedValidation, stream_datasets, stream_facts
 from raytrain_vae.model_io import METRICS_FILE, STATE_FILE
 from raytrain_vae.models.sizing import check_trainable
 from raytrain_vae.runtime import check_writable, init_ray, require_resources
+from raytrain_vae.storage import ray_storage
 from raytrain_vae.worker import train_loop_per_worker
 
 CONTROLLER_RETRIES = 2
@@ -48,9 +50,15 @@ def build_trainer(
 
     Ray keeps the run.checkpoints_to_keep best checkpoints by `score`, and always the latest."""
     s = cfg.scaling
+    loop_config: dict = {"config": cfg.model_dump(mode="json")}
+    streamed: dict = {}
+    if ingest_mode(cfg.data) == "stream":
+        loop_config["stream"] = stream_facts(cfg)
+        streamed = {"datasets": stream_datasets(cfg), "dataset_config": ShardedValidation()}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json")},
+        train_loop_config=loop_config,
+        **streamed,
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
@@ -59,7 +67,7 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=name or cfg.run.name,
-            storage_path=storage_path or cfg.resolved_storage_path(),
+            **ray_storage_args(storage_path or cfg.resolved_storage_path()),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.run.checkpoints_to_keep,
                 checkpoint_score_attribute=score[0],
@@ -74,6 +82,12 @@ def build_trainer(
             logging_config=LoggingConfig(log_level=cfg.run.log_level),
         ),
     )
+
+
+def ray_storage_args(path: str) -> dict:
+    """RunConfig's storage arguments for a local path or URI (storage.ray_storage)."""
+    storage_path, filesystem = ray_storage(path)
+    return {"storage_path": storage_path, "storage_filesystem": filesystem}
 
 
 def user_error_from(exc: ray.train.TrainingFailedError) -> UserError | None:
@@ -96,11 +110,19 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
 
 
+def data_cpus(cfg: Config) -> float:
+    """CPUs a run keeps free beside its workers for Ray Data's read tasks when it streams
+    (Ray Train leaves Ray Data only what its workers do not hold: with none, reading waits)."""
+    return READ_TASK_CPUS if ingest_mode(cfg.data) == "stream" else 0.0
+
+
 def worker_bundles(cfg: Config, extra_cpus: float = 0.0) -> list[dict[str, float]]:
-    """The resources of one run: a bundle per worker, plus extra_cpus (a Tune trial's own)."""
+    """The resources of one run: a bundle per worker, plus extra_cpus (a Tune trial's own, and
+    room for the stream's read tasks)."""
     bundles = [worker_resources(cfg) for _ in range(cfg.scaling.num_workers)]
-    if extra_cpus:
-        bundles.append({"CPU": extra_cpus})
+    extra = extra_cpus + data_cpus(cfg)
+    if extra:
+        bundles.append({"CPU": extra})
     return bundles
 
 
@@ -110,7 +132,8 @@ def require_worker_resources(cfg: Config, extra_cpus: float = 0.0) -> None:
     s = cfg.scaling
     gpus = f" x {s.gpus_per_worker:g} GPU" if s.use_gpu else ""
     trial = f" + {extra_cpus:g} CPU for the trial" if extra_cpus else ""
-    what = f"scaling: {s.num_workers} worker(s) x {s.cpus_per_worker:g} CPU{gpus}{trial}"
+    reading = f" + {data_cpus(cfg):g} CPU for streaming data" if data_cpus(cfg) else ""
+    what = f"scaling: {s.num_workers} worker(s) x {s.cpus_per_worker:g} CPU{gpus}{trial}{reading}"
     fix = "lower scaling.num_workers, scaling.cpus_per_worker" + (
         " or scaling.gpus_per_worker (or set scaling.use_gpu=false)" if s.use_gpu else ""
     )
@@ -121,8 +144,11 @@ def preflight(cfg: Config) -> None:
     """Fail fast, before Ray starts, on what the driver can check: the model fits the images and
     this machine's memory, paths are usable, and, when Ray runs embedded on this machine, the
     data is here (downloaded once, not per worker)."""
+    if cfg.data.reads_files:
+        ensure_files(cfg.data)  # the user's files are listed here, wherever Ray runs
     check_trainable(cfg, image_shape(cfg.data))
     check_split_fits(cfg)
+    ingest_mode(cfg.data)
     check_writable(cfg.resolved_storage_path(), "run.storage_path")
     check_resumable(cfg)
     if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
-import pyarrow.fs
 import ray
 from ray import tune
 from ray.train import Checkpoint
@@ -29,7 +28,14 @@ from raytrain_vae.search_results import (
     write_table,
 )
 from raytrain_vae.search_space import Param, parse_space, trial_config, trial_configs
-from raytrain_vae.train import build_trainer, preflight, require_worker_resources, user_error_from
+from raytrain_vae.storage import filesystem_for, ray_storage
+from raytrain_vae.train import (
+    build_trainer,
+    preflight,
+    ray_storage_args,
+    require_worker_resources,
+    user_error_from,
+)
 
 TRIAL_DRIVER_CPUS = 0.1  # the Tune function only waits on its TorchTrainer
 SUMMARY_FILE = "summary"
@@ -119,7 +125,7 @@ def make_tuner(cfg: Config, params: list[Param]) -> tune.Tuner:
             max_concurrent_trials=concurrent_trials(cfg, ray.cluster_resources()),
         ),
         run_config=tune.RunConfig(
-            name=cfg.run.name, storage_path=cfg.resolved_storage_path(), verbose=1
+            name=cfg.run.name, **ray_storage_args(cfg.resolved_storage_path()), verbose=1
         ),
     )
 
@@ -137,9 +143,10 @@ def _trainable(cfg: Config, params: list[Param]):
 def export_best(cfg: Config, best: pd.Series) -> Path:
     """Copy the best trial's best checkpoint (local or remote storage) into export.dir."""
     path = str(best["best_checkpoint"])
-    filesystem = None
-    if is_uri(cfg.resolved_storage_path()):
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(path)
+    # Under a filesystem we built (storage.ray_storage), Ray reports paths inside it.
+    _, filesystem = ray_storage(cfg.resolved_storage_path())
+    if is_uri(path):
+        filesystem, path = filesystem_for(path)
     extra = {"trial_id": best["trial_id"], "experiment": experiment_path(cfg)}
     with Checkpoint(path, filesystem=filesystem).as_directory() as folder:
         return export_model(folder, cfg.resolved_export_dir(), extra)
@@ -153,7 +160,8 @@ def search(cfg: Config, resume: bool = False) -> tuple[pd.DataFrame, Path]:
     # A URI storage needs an explicit export.dir, and it must be ours to replace: before Ray.
     check_output_dir(cfg.resolved_export_dir(), "export.dir", EXPORT_KIND)
     path = experiment_path(cfg)
-    exists = tune.Tuner.can_restore(path)
+    ray_path, filesystem = ray_storage(path)
+    exists = tune.Tuner.can_restore(ray_path, storage_filesystem=filesystem)
     if exists and not resume:
         raise ConfigError(
             f"experiment {path} exists: pass --resume to continue it, or choose another run.name"
@@ -165,7 +173,12 @@ def search(cfg: Config, resume: bool = False) -> tuple[pd.DataFrame, Path]:
     init_ray()
     require_worker_resources(largest, TRIAL_DRIVER_CPUS)
     if resume:
-        tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, params), resume_errored=True)
+        tuner = tune.Tuner.restore(
+            ray_path,
+            trainable=_trainable(cfg, params),
+            resume_errored=True,
+            storage_filesystem=filesystem,
+        )
     else:
         tuner = make_tuner(cfg, params)
     results = tuner.fit()

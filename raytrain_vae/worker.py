@@ -13,15 +13,16 @@ import torch
 from raytrain_vae.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from raytrain_vae.config import Config, ConfigError, validate_config
 from raytrain_vae.data import eval_indices, load_splits
+from raytrain_vae.faults import fault_injector
+from raytrain_vae.ingest import ShardStream
 from raytrain_vae.loop import (
     RankRun,
-    fault_injector,
     format_metrics,
-    make_optimizer,
     memory_format_for,
     run_epoch,
 )
 from raytrain_vae.models import build_model
+from raytrain_vae.optim import make_optimizer
 from raytrain_vae.perf.heap import retain_freed_memory
 from raytrain_vae.perf.shm_allreduce import shared_memory_all_reduce
 from raytrain_vae.runtime import quiet_train_report_log
@@ -44,7 +45,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         if cfg.scaling.retain_freed_memory:
             retain_freed_memory()
-    run = build_rank_run(cfg, rank, world, device)
+    stream = loop_config.get("stream")
+    if stream is not None:
+        run = build_streamed_rank_run(cfg, rank, world, device, stream)
+    else:
+        run = build_rank_run(cfg, rank, world, device)
     state = restore(run)
     if state.epoch >= cfg.train.epochs:
         report_finished_run(run, state)
@@ -53,7 +58,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     share_gradients_through_memory(run, ctx.get_local_world_size() == world)
     fail_once = fault_injector(rank)
     binarizer = torch.Generator(device=device)
-    val_indices = eval_indices(len(run.val_images), rank, world).to(device)
+    val_indices = None if stream else eval_indices(len(run.val_images), rank, world).to(device)
     for epoch in range(state.epoch, cfg.train.epochs):
         if fail_once:
             fail_once(epoch + 1)
@@ -83,6 +88,27 @@ def build_rank_run(cfg: Config, rank: int, world: int, device: torch.device) -> 
         dynamic_binarize=splits.dynamic_binarize,
         rank=rank,
         world=world,
+    )
+
+
+def build_streamed_rank_run(
+    cfg: Config, rank: int, world: int, device: torch.device, stream: dict
+) -> RankRun:
+    """This rank's model and optimizer, with its images streamed from its dataset shards."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, tuple(stream["image_shape"]))
+    model = model.to(device, memory_format=memory_format_for(cfg))
+    return RankRun(
+        cfg=cfg,
+        model=model,
+        trained=model,
+        optimizer=make_optimizer(model, cfg, device),
+        train_images=None,
+        val_images=None,
+        dynamic_binarize=cfg.data.binarize == "dynamic",
+        rank=rank,
+        world=world,
+        stream=ShardStream(stream["n_train"], cfg.data.shuffle_buffer, device),
     )
 
 

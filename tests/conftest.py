@@ -4,11 +4,22 @@ system dataset copies, and a module-wide local Ray."""
 from __future__ import annotations
 
 import gzip
+import http.client
+import json
+import os
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 import ray
 import torch
@@ -108,3 +119,170 @@ def ray_local():
     ray.init(num_cpus=2)
     yield
     ray.shutdown()
+
+
+# An S3-compatible server (moto) on loopback, for the storage tests.
+
+S3_BUCKET = "raytrain-test"
+S3_START_TIMEOUT_S = 20.0
+# Set elsewhere, these would send requests past the test server or sign them otherwise.
+S3_CLEARED_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+@dataclass
+class S3Server:
+    """A running moto S3 server: endpoint (http://127.0.0.1:PORT), a bucket in it, the keys that
+    reach it, and the seconds it took to start and answer."""
+
+    endpoint: str
+    bucket: str
+    access_key: str = "testing"
+    secret_key: str = "testing"
+    start_s: float = 0.0
+
+    def url(self, key: str) -> str:
+        """s3://BUCKET/key."""
+        return f"s3://{self.bucket}/{key}"
+
+    def environment(self) -> dict[str, str]:
+        """The standard AWS variables that send a client to this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def filesystem(self, **options) -> pafs.S3FileSystem:
+        """A pyarrow filesystem on this server, built here: independent of raytrain_vae.storage."""
+        return pafs.S3FileSystem(
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            endpoint_override=self.endpoint.split("://", 1)[1],
+            scheme="http",
+            region="us-east-1",
+            **options,
+        )
+
+    def put(self, key: str, data: bytes) -> None:
+        """Writes the object s3://BUCKET/key."""
+        with self.filesystem().open_output_stream(f"{self.bucket}/{key}") as stream:
+            stream.write(data)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (right now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers(port: int) -> bool:
+    """Whether an HTTP server answers on the loopback port (moto's own page: no S3 action)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+    try:
+        connection.request("GET", "/moto-api/")
+        connection.getresponse().read()
+        return True
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ends the server's process group (its own session): SIGTERM, then SIGKILL after 10 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@contextmanager
+def moto_server(folder: Path, environment: dict[str, str] | None = None) -> Iterator[str]:
+    """`python -m moto.server` on a free loopback port, in its own process group, output in
+    folder/moto-PORT.log; yields its endpoint once it answers (up to S3_START_TIMEOUT_S), and
+    ends it on exit. A start that loses its port to another process is tried again (3 tries)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for attempt in range(3):
+        port = free_port()
+        log = folder / f"moto-{port}.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(environment or {})},
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + S3_START_TIMEOUT_S
+        while process.poll() is None and time.monotonic() < deadline and not _answers(port):
+            time.sleep(0.1)
+        if process.poll() is None and _answers(port):
+            break
+        _stop(process)
+        if attempt == 2 or time.monotonic() >= deadline:
+            raise RuntimeError(f"moto server did not start:\n{log.read_text()[-2000:]}")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """One moto S3 server per test module (starting one takes about 0.5 to 1.5 s), with the
+    bucket S3_BUCKET. For the module's duration os.environ holds AWS_ENDPOINT_URL (the server),
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ("testing") and AWS_DEFAULT_REGION (us-east-1),
+    and lacks S3_CLEARED_VARIABLES: subprocesses started meanwhile inherit them. Ray workers
+    inherit the environment of ray.init: list s3_server before ray_local in a test's arguments.
+    Objects written by one test stay for the next: give each test its own key prefix."""
+    started = time.monotonic()
+    with (
+        moto_server(tmp_path_factory.mktemp("moto")) as endpoint,
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        server = S3Server(endpoint, S3_BUCKET)
+        for name in S3_CLEARED_VARIABLES:
+            patch.delenv(name, raising=False)
+        for name, value in server.environment().items():
+            patch.setenv(name, value)
+        server.filesystem(allow_bucket_creation=True).create_dir(server.bucket)
+        server.start_s = time.monotonic() - started
+        yield server
+
+
+@pytest.fixture
+def s3_server_with_iam(tmp_path) -> Iterator[S3Server]:
+    """A moto S3 server of its own that checks credentials (moto's IAM; the first 3 requests,
+    which create a user, its access key and an allow-all policy, pass unchecked), with the bucket
+    S3_BUCKET; .access_key / .secret_key are the user's. os.environ is left alone."""
+    import boto3  # moto's dependency; only this fixture needs it
+
+    started = time.monotonic()
+    with moto_server(tmp_path / "moto-iam", {"INITIAL_NO_AUTH_ACTION_COUNT": "3"}) as endpoint:
+        iam = boto3.client(
+            "iam",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="setup",
+            aws_secret_access_key="setup",
+        )
+        iam.create_user(UserName="raytrain")
+        key = iam.create_access_key(UserName="raytrain")["AccessKey"]
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+        }
+        iam.put_user_policy(
+            UserName="raytrain", PolicyName="all", PolicyDocument=json.dumps(policy)
+        )
+        server = S3Server(endpoint, S3_BUCKET, key["AccessKeyId"], key["SecretAccessKey"])
+        server.filesystem(allow_bucket_creation=True).create_dir(server.bucket)
+        server.start_s = time.monotonic() - started
+        yield server

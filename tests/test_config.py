@@ -53,7 +53,7 @@ def _config_error(path, overrides=None) -> str:
 def test_example_config_loads():
     cfg = load_config(EXAMPLE)
     assert isinstance(cfg, Config)
-    assert cfg.data.dataset == "fashion_mnist"
+    assert cfg.data.source == "fashion_mnist"
     assert cfg.data.binarize == "dynamic"
     assert cfg.data.limit is None
     assert cfg.data.val_fraction == pytest.approx(1 / 12, abs=1e-6)

@@ -46,7 +46,7 @@ def root(tmp_path, written) -> Path:
 
 def cfg_for(root: Path, **kw) -> DataSection:
     kw.setdefault("binarize", "none")
-    return DataSection(dataset="mnist", root=str(root), download=False, **kw)
+    return DataSection(source="mnist", root=str(root), download=False, **kw)
 
 
 def _rows(images: torch.Tensor) -> list[bytes]:
@@ -210,7 +210,7 @@ def test_missing_data_without_download(tmp_path):
 
 
 def test_missing_fashion_mnist_suggests_the_system_package(tmp_path):
-    cfg = DataSection(dataset="fashion_mnist", root=str(tmp_path / "empty"), download=False)
+    cfg = DataSection(source="fashion_mnist", root=str(tmp_path / "empty"), download=False)
     with pytest.raises(DataError) as info:
         load_splits(cfg)
     msg = str(info.value)
@@ -224,7 +224,7 @@ def _offline(*args, **kwargs):
 
 def test_download_failure_via_download_method(monkeypatch, tmp_path):
     monkeypatch.setattr(MNIST, "download", _offline)
-    cfg = DataSection(dataset="mnist", root=str(tmp_path / "empty"), download=True)
+    cfg = DataSection(source="mnist", root=str(tmp_path / "empty"), download=True)
     with pytest.raises(DataError) as info:
         load_splits(cfg)
     msg = str(info.value)
@@ -240,14 +240,14 @@ def test_download_failure_via_datasets_entry(monkeypatch, tmp_path):
             _offline()
 
     monkeypatch.setitem(idx_source.DATASETS, "mnist", MNIST)
-    cfg = DataSection(dataset="mnist", root=str(tmp_path / "empty"), download=True)
+    cfg = DataSection(source="mnist", root=str(tmp_path / "empty"), download=True)
     with pytest.raises(DataError, match="download failed.*offline"):
         load_splits(cfg)
 
 
 def test_download_is_not_attempted_when_files_exist(monkeypatch, root):
     monkeypatch.setattr(MNIST, "download", _offline)
-    s = load_splits(DataSection(dataset="mnist", root=str(root), download=True, binarize="none"))
+    s = load_splits(DataSection(source="mnist", root=str(root), download=True, binarize="none"))
     assert len(s.test) == N_TEST
 
 

@@ -66,7 +66,7 @@ def data_root(tmp_path) -> Path:
 def make_cfg(data_root: Path, binarize="none", num_samples=10, num_reconstructions=5, **model):
     model = {"channels": [8, 16], "latent_dim": 4, "hidden_dim": 32, **model}
     return Config(
-        data=DataSection(dataset="mnist", root=str(data_root), download=False, binarize=binarize),
+        data=DataSection(source="mnist", root=str(data_root), download=False, binarize=binarize),
         model=ModelSection(**model),
         export=ExportSection(num_samples=num_samples, num_reconstructions=num_reconstructions),
     )

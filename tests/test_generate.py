@@ -135,7 +135,7 @@ def written_model(tmp_path_factory) -> tuple[Path, object]:
     written = make_idx_dataset(n_train=40, n_test=30, height=28, width=28)
     written.write(folder / "data")
     cfg = tiny_config(
-        "data.dataset=mnist",
+        "data.source=mnist",
         f"data.root={folder / 'data'}",
         "data.download=false",
         "data.binarize=none",

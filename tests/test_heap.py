@@ -21,7 +21,7 @@ from raytrain_vae.data import to_model_input
 from raytrain_vae.perf.heap import retain_freed_memory
 from raytrain_vae.models.conv import ConvVAE
 from raytrain_vae.objectives import training_loss
-from raytrain_vae.loop import make_optimizer
+from raytrain_vae.optim import make_optimizer
 if sys.argv[1] == "on":
     assert retain_freed_memory()
 def measure():

@@ -57,7 +57,7 @@ def test_images_cli_writes_every_picture(tmp_path):
     written = make_idx_dataset(n_train=40, n_test=32, height=28, width=28)
     written.write(tmp_path / "data")
     cfg = tiny_config(
-        "data.dataset=mnist", f"data.root={tmp_path / 'data'}", "data.download=false",
+        "data.source=mnist", f"data.root={tmp_path / 'data'}", "data.download=false",
         "model.hidden_dim=16",
     )  # fmt: skip
     write_model_dir(tmp_path, cfg)

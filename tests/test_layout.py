@@ -21,6 +21,9 @@ LOWER = {
     "perf",
     "checkpoint",
     "loop",
+    "faults",
+    "optim",
+    "storage",
 }
 HIGHER = {
     "worker",
@@ -35,7 +38,9 @@ HIGHER = {
     "evaluate",
     "images",
     "inputs",
+    "input_rows",
     "cli",
+    "ingest",
 }
 
 

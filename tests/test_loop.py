@@ -11,24 +11,22 @@ import torch
 
 from raytrain_vae.checkpoint import TrainState, load_checkpoint, read_state, save_checkpoint
 from raytrain_vae.config import ConfigError, UserError, load_config
+from raytrain_vae.faults import FAIL_ONCE_ENV, fault_injector
 from raytrain_vae.loop import (
-    FAIL_ONCE_ENV,
     EpochSums,
     RankRun,
     TrainingDiverged,
     autocast_for,
     check_finite,
     epoch_metrics,
-    fault_injector,
-    make_optimizer,
     reduce_sums,
     run_epoch,
     seed_epoch,
-    set_learning_rate,
     train_epoch,
     train_step,
 )
 from raytrain_vae.models import build_model
+from raytrain_vae.optim import make_optimizer, set_learning_rate
 
 TINY = [
     "model.channels=[4,8]",

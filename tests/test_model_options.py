@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from raytrain_vae.config import Config, ConfigError, ModelSection, load_config
-from raytrain_vae.loop import set_learning_rate
 from raytrain_vae.models.conv import ConvVAE, ResidualBlock
 from raytrain_vae.objectives import (
     elbo_terms,
@@ -20,6 +19,7 @@ from raytrain_vae.objectives import (
     log_importance_weights,
     training_loss,
 )
+from raytrain_vae.optim import set_learning_rate
 from raytrain_vae.perf.elu import ELU
 
 SHAPE = (1, 12, 12)

@@ -7,8 +7,8 @@ import io
 import torch
 
 from raytrain_vae.config import load_config
-from raytrain_vae.loop import make_optimizer
 from raytrain_vae.models.conv import ConvVAE
+from raytrain_vae.optim import make_optimizer
 
 
 def _step(model: ConvVAE, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> None:

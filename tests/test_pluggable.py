@@ -27,7 +27,12 @@ class Holder(torch.nn.Module):
 
 
 def test_likelihoods_are_registered_by_their_config_names():
-    assert set(LIKELIHOODS) == {"bernoulli", "gaussian"}
+    assert set(LIKELIHOODS) == {
+        "bernoulli",
+        "gaussian",
+        "discretized_logistic",
+        "discretized_logistic_mixture",
+    }
     assert set(LIKELIHOODS) == set(ModelSection.model_fields["likelihood"].annotation.__args__)
     assert isinstance(likelihood_for("gaussian"), Gaussian)
 
@@ -48,14 +53,17 @@ def test_bernoulli_nll_mean_and_samples():
     assert lik.decoder_channels(3) == 3 and lik.new_parameters() == {}
 
 
-def test_gaussian_nll_is_the_normal_log_density_with_the_learned_sigma():
+def test_gaussian_nll_is_the_normal_bin_mass_with_the_learned_sigma():
+    """An interior level's probability is the Normal mass of its bin, +-0.5/255 around it."""
     lik = Gaussian()
     holder = Holder(lik)
     with torch.no_grad():
         holder.log_sigma.fill_(math.log(0.5))
-    out, x = torch.tensor([[0.2, 0.7]]), torch.tensor([[0.5, 0.1]])
-    density = torch.distributions.Normal(out, 0.5).log_prob(x)
-    assert torch.allclose(lik.nll(out, x, holder), -density, atol=1e-6)
+    out, x = torch.tensor([[0.2, 0.7]]), torch.tensor([[128 / 255, 26 / 255]])
+    normal = torch.distributions.Normal(out.double(), 0.5)
+    half = 0.5 / 255
+    mass = normal.cdf(x.double() + half) - normal.cdf(x.double() - half)
+    assert torch.allclose(lik.nll(out, x, holder).double(), -mass.log(), atol=1e-4)
     assert torch.equal(lik.mean(torch.tensor([-0.5, 0.5, 1.5])), torch.tensor([0.0, 0.5, 1.0]))
 
 
@@ -97,12 +105,12 @@ def test_a_registered_source_is_all_load_splits_needs(monkeypatch):
     seen = []
 
     def read(cfg: DataSection) -> RawData:
-        seen.append(cfg.dataset)
+        seen.append(cfg.source)
         return RawData(train, torch.arange(40) % 10, test, torch.arange(10), where="memory")
 
     source = DataSource(image_shape=(3, 8, 6), train_split_images=40, ensure=seen.append, read=read)
     monkeypatch.setitem(data.SOURCES, "mnist", source)
-    cfg = DataSection(dataset="mnist", binarize="none", val_fraction=0.25)
+    cfg = DataSection(source="mnist", binarize="none", val_fraction=0.25)
     assert data.image_shape(cfg) == (3, 8, 6)
     data.ensure_files(cfg)
     splits = data.load_splits(cfg)

@@ -23,7 +23,7 @@ def tiny_config(tmp_path: Path, name: str, epochs: int, *extra: str):
     return load_config(
         None,
         [
-            "data.dataset=fashion_mnist",
+            "data.source=fashion_mnist",
             f"data.root={tmp_path / 'data'}",
             "data.download=false",
             "data.limit=640",

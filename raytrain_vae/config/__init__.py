@@ -13,6 +13,7 @@ from raytrain_vae.config.base import (
     is_uri,
     stream_seed,
 )
+from raytrain_vae.config.data_section import FILE_SOURCES, DataSection
 from raytrain_vae.config.loading import (
     apply_overrides,
     load_config,
@@ -30,7 +31,6 @@ from raytrain_vae.config.search import (
     SearchSection,
 )
 from raytrain_vae.config.sections import (
-    DataSection,
     ModelSection,
     RunSection,
     ScalingSection,
@@ -39,6 +39,7 @@ from raytrain_vae.config.sections import (
 
 __all__ = [
     "CONFIG_MAX_BYTES",
+    "FILE_SOURCES",
     "OPTUNA_SEED_LIMIT",
     "REPORTED_METRICS",
     "SEED_LIMIT",

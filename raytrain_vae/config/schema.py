@@ -9,9 +9,9 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from raytrain_vae.config.base import ConfigError, Section, clip, is_uri, short
+from raytrain_vae.config.data_section import DataSection
 from raytrain_vae.config.search import ExportSection, SearchSection
 from raytrain_vae.config.sections import (
-    DataSection,
     ModelSection,
     RunSection,
     ScalingSection,

@@ -1,4 +1,4 @@
-"""Config sections of one training run: data, model, train, scaling and run."""
+"""Config sections of one training run: model, train, scaling and run (data: data_section.py)."""
 
 from __future__ import annotations
 
@@ -13,42 +13,6 @@ from raytrain_vae.config.base import (
     local_or_uri_path,
     short,
 )
-
-
-class DataSection(Section):
-    dataset: Literal["mnist", "fashion_mnist"] = Field(
-        "fashion_mnist", description="Image dataset: mnist or fashion_mnist."
-    )
-    root: str = Field(
-        "~/.cache/raytrain_vae/data",
-        description="Where datasets are looked for and downloaded to (torchvision layout).",
-    )
-    _root = field_validator("root")(local_or_uri_path)
-    download: bool = Field(True, description="Download the dataset if no local copy is found.")
-    binarize: Literal["none", "static", "dynamic"] = Field(
-        "dynamic",
-        description="none: grey levels in [0, 1]; static: one fixed Bernoulli sample per image; "
-        "dynamic: a fresh Bernoulli sample every time an image is drawn for training.",
-    )
-    limit: int | None = Field(
-        None,
-        gt=0,
-        le=2**40,
-        description="Use only this many training-split images (quick runs); null = all.",
-    )
-    val_fraction: float = Field(
-        1 / 12,
-        gt=0,
-        lt=1,
-        description="Fraction of the training split held out for validation (model selection); "
-        "the test split is never used during training.",
-    )
-
-    def split_sizes(self, available: int) -> tuple[int, int]:
-        """(training, validation) image counts taken from `available` training-split images."""
-        n = min(available, self.limit) if self.limit is not None else available
-        n_val = max(1, round(n * self.val_fraction))
-        return n - n_val, n_val
 
 
 class ModelSection(Section):
@@ -66,9 +30,17 @@ class ModelSection(Section):
         le=WIDTH_LIMIT,
         description="Width of the dense layer between conv features and z; 0 = none.",
     )
-    likelihood: Literal["bernoulli", "gaussian"] = Field(
+    likelihood: Literal[
+        "bernoulli", "gaussian", "discretized_logistic", "discretized_logistic_mixture"
+    ] = Field(
         "bernoulli",
-        description="p(x|z): bernoulli (BCE with logits) or gaussian (learned global sigma).",
+        description="p(x|z): bernoulli (binarised pixels, BCE with logits); gaussian (a "
+        "discretised Gaussian over the 256 levels, one learned sigma); discretized_logistic "
+        "(a mean and scale per sub-pixel, as in the literature's bits/dim); "
+        "discretized_logistic_mixture (PixelCNN++'s mixture of model.mixture_components).",
+    )
+    mixture_components: int = Field(
+        5, ge=1, le=64, description="Components of discretized_logistic_mixture."
     )
     activation: Literal["relu", "elu", "silu"] = Field(
         "elu", description="Nonlinearity after every conv and dense layer: relu, elu or silu."

@@ -1,6 +1,9 @@
-"""Training data: the source data.dataset names, split into train/val/test, sharded, binarized.
+"""Training data: the source data.source names, split into train/val/test, shaped, sharded,
+binarized.
 
-Sources live one per module (idx.py: mnist, fashion_mnist) behind data.source.DataSource."""
+Public datasets live one per module behind data.source.DataSource (idx.py: mnist,
+fashion_mnist; cifar.py: cifar10); the user's own files (image_folder, parquet) are listed by
+catalog.py and read by files.py, in memory here or streamed by raytrain_vae.ingest."""
 
 from __future__ import annotations
 
@@ -9,10 +12,19 @@ from dataclasses import dataclass
 import torch
 
 from raytrain_vae.config import Config, ConfigError, DataSection, stream_seed
+from raytrain_vae.data.catalog import Catalog, build_catalog
+from raytrain_vae.data.cifar import CIFAR_SOURCE
+from raytrain_vae.data.files import ReadPlan, read_units
 from raytrain_vae.data.idx import IDX_SOURCE
+from raytrain_vae.data.preprocess import preprocess, spec_of
 from raytrain_vae.data.source import DataError, DataSource
 
-SOURCES: dict[str, DataSource] = {"mnist": IDX_SOURCE, "fashion_mnist": IDX_SOURCE}
+SOURCES: dict[str, DataSource] = {
+    "mnist": IDX_SOURCE,
+    "fashion_mnist": IDX_SOURCE,
+    "cifar10": CIFAR_SOURCE,
+}
+_CATALOGS: dict[str, Catalog] = {}
 
 # The validation split and the fixed binarization of evaluation images must not move when a
 # trial changes train.seed, or trials would be compared on different data.
@@ -43,30 +55,82 @@ def _bernoulli_u8(images: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.bernoulli(images.float() / 255, generator=g).to(torch.uint8) * 255
 
 
+def catalog_for(cfg: DataSection) -> Catalog:
+    """The listing of the user's files, made once per process for a given data section."""
+    key = cfg.model_dump_json()
+    if key not in _CATALOGS:
+        _CATALOGS[key] = build_catalog(cfg)
+    return _CATALOGS[key]
+
+
+def split_counts(cfg: DataSection) -> dict[str, int]:
+    """Images in each split (train, val, test), known from listing the files or the source."""
+    if cfg.reads_files:
+        return dict(catalog_for(cfg).counts)
+    n_train, n_val = cfg.split_sizes(SOURCES[cfg.source].train_split_images)
+    return {"train": n_train, "val": n_val, "test": -1}
+
+
 def check_split_fits(cfg: Config) -> None:
-    """Refuse, before Ray starts, a validation fraction that leaves a worker no training image
-    (data.limit is checked with the config; this covers the whole training split)."""
-    n_train, _ = cfg.data.split_sizes(SOURCES[cfg.data.dataset].train_split_images)
-    if n_train < cfg.scaling.num_workers:
+    """Refuse, before Ray starts, splits that leave a worker no training image or leave no
+    validation image (data.limit is checked with the config; this covers the whole split)."""
+    counts = split_counts(cfg.data)
+    if counts["train"] < cfg.scaling.num_workers:
         raise ConfigError(
-            f"data.val_fraction={cfg.data.val_fraction:g} leaves {n_train} training image(s) of "
-            f"{cfg.data.dataset}, fewer than scaling.num_workers={cfg.scaling.num_workers}"
+            f"data.val_fraction={cfg.data.val_fraction:g} leaves {counts['train']} training "
+            f"image(s) of {cfg.data.path or cfg.data.source}, fewer than "
+            f"scaling.num_workers={cfg.scaling.num_workers}"
+        )
+    if counts["val"] < 1:
+        raise ConfigError(
+            f"data.val_fraction={cfg.data.val_fraction:g} leaves no validation image among the "
+            f"{counts['train']} of {cfg.data.path}; raise it or add images"
         )
 
 
 def image_shape(cfg: DataSection) -> tuple[int, int, int]:
-    """(C, H, W) of the images data.dataset gives, known without reading them."""
-    return SOURCES[cfg.dataset].image_shape
+    """(C, H, W) of the images the model sees: the source's, through data.channels, data.crop
+    and data.image_size (the user's files: the first image's size unless those set it)."""
+    if cfg.reads_files:
+        return ReadPlan.of(cfg, catalog_for(cfg)).shape
+    native = SOURCES[cfg.source].image_shape
+    return spec_of(cfg, native[0]).output_shape(native[1:])
+
+
+def decoded_bytes(cfg: DataSection) -> int:
+    """Bytes of the training and validation images once decoded (uint8)."""
+    counts = split_counts(cfg)
+    c, h, w = image_shape(cfg)
+    return (counts["train"] + counts["val"]) * c * h * w
+
+
+def ingest_mode(cfg: DataSection) -> str:
+    """memory or stream: data.ingest, with auto resolved against data.stream_above_mb."""
+    if cfg.ingest == "stream" and not cfg.reads_files:
+        raise ConfigError(
+            f"data.ingest=stream reads files from storage: data.source={cfg.source} is decoded "
+            "in memory (use memory or auto, or image_folder/parquet)"
+        )
+    if cfg.ingest == "auto":
+        big = cfg.reads_files and decoded_bytes(cfg) > cfg.stream_above_mb * 2**20
+        return "stream" if big else "memory"
+    return cfg.ingest
 
 
 def ensure_files(cfg: DataSection) -> None:
-    """Make the dataset's files present (found, or downloaded if allowed) before Ray starts."""
-    SOURCES[cfg.dataset].ensure(cfg)
+    """Make the dataset present (found, or downloaded if allowed) and, for the user's files,
+    listed and readable, before Ray starts."""
+    if cfg.reads_files:
+        catalog_for(cfg)
+    else:
+        SOURCES[cfg.source].ensure(cfg)
 
 
 def load_splits(cfg: DataSection) -> Splits:
     """Read the dataset and return train/val/test as uint8 (N, C, H, W) tensors."""
-    raw = SOURCES[cfg.dataset].read(cfg)
+    if cfg.reads_files:
+        return _load_file_splits(cfg)
+    raw = SOURCES[cfg.source].read(cfg)
     order = torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(SPLIT_SEED))
     n_train, n_val = cfg.split_sizes(len(order))
     if n_train < 1:
@@ -75,7 +139,10 @@ def load_splits(cfg: DataSection) -> Splits:
             "no training images after data.val_fraction"
         )
     val_idx, train_idx = order[:n_val], order[n_val : n_val + n_train]
-    train, val, test = raw.train[train_idx], raw.train[val_idx], raw.test
+    spec = spec_of(cfg, raw.train.shape[1])
+    train, val, test = (
+        preprocess(t, spec) for t in (raw.train[train_idx], raw.train[val_idx], raw.test)
+    )
 
     if cfg.binarize == "static":
         train = _bernoulli_u8(train, SPLIT_SEED + 1)
@@ -92,6 +159,26 @@ def load_splits(cfg: DataSection) -> Splits:
         test_labels=raw.test_labels,
         dynamic_binarize=cfg.binarize == "dynamic",
         source=raw.where,
+    )
+
+
+def _load_file_splits(cfg: DataSection) -> Splits:
+    """The user's files, every split decoded (and fixed binarizations drawn) in memory."""
+    catalog = catalog_for(cfg)
+    plan = ReadPlan.of(cfg, catalog)
+    rows = {name: read_units(catalog.units[name], plan) for name in ("train", "val", "test")}
+    tensors = {
+        name: (torch.from_numpy(r.images), torch.from_numpy(r.labels)) for name, r in rows.items()
+    }
+    return Splits(
+        train=tensors["train"][0],
+        train_labels=tensors["train"][1],
+        val=tensors["val"][0],
+        val_labels=tensors["val"][1],
+        test=tensors["test"][0],
+        test_labels=tensors["test"][1],
+        dynamic_binarize=cfg.binarize == "dynamic",
+        source=cfg.path,
     )
 
 

@@ -33,8 +33,8 @@ FILES = {
 def candidate_dirs(cfg: DataSection) -> list[Path]:
     """Folders searched, in order: torchvision's layout under root, root itself, system copies."""
     root = Path(cfg.root).expanduser()
-    raw = root / DATASETS[cfg.dataset].__name__ / "raw"
-    return [raw, root, *(Path(d) for d in SYSTEM_DIRS[cfg.dataset])]
+    raw = root / DATASETS[cfg.source].__name__ / "raw"
+    return [raw, root, *(Path(d) for d in SYSTEM_DIRS[cfg.source])]
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -54,7 +54,7 @@ def locate_files(cfg: DataSection) -> dict[str, Path] | None:
 
 
 def _download(cfg: DataSection) -> None:
-    cls = DATASETS[cfg.dataset]
+    cls = DATASETS[cfg.source]
     root = Path(cfg.root).expanduser()
     try:
         cls(str(root), train=True, download=True)
@@ -70,9 +70,9 @@ def _missing_message(cfg: DataSection, why: str) -> str:
         "set data.download=true with internet access, or put the four IDX files "
         f"({', '.join(FILES.values())}, optionally .gz) in {candidate_dirs(cfg)[0]}"
     )
-    if cfg.dataset == "fashion_mnist":
+    if cfg.source == "fashion_mnist":
         fix += ", or apt-get install dataset-fashion-mnist"
-    return f"{cfg.dataset} not found ({why}); looked in {looked}; fix: {fix}"
+    return f"{cfg.source} not found ({why}); looked in {looked}; fix: {fix}"
 
 
 def _read_idx(path: Path, reader, cache_dir: Path) -> torch.Tensor:
@@ -118,7 +118,7 @@ def read_idx_dataset(cfg: DataSection) -> RawData:
     # torchvision's reader asserts on a malformed header (an HTML error page saved as IDX).
     except (OSError, EOFError, TypeError, ValueError, RuntimeError, AssertionError) as exc:
         raise DataError(
-            f"cannot read {cfg.dataset} from {files['train_images'].parent}: {exc}"
+            f"cannot read {cfg.source} from {files['train_images'].parent}: {exc}"
         ) from None
     raw = RawData(
         train=arrays["train_images"].unsqueeze(1),

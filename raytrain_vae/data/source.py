@@ -28,7 +28,7 @@ class RawData:
 
 @dataclass(frozen=True)
 class DataSource:
-    """One data.dataset: image shape and training-split size known before reading, `ensure`
+    """One data.source: image shape and training-split size known before reading, `ensure`
     (make the files present, e.g. download them, once per machine) and `read`."""
 
     image_shape: tuple[int, int, int]

@@ -14,6 +14,26 @@ from raytrain_vae.perf.elu import ELU
 ACTIVATIONS = {"relu": nn.ReLU, "elu": ELU, "silu": nn.SiLU}
 
 
+def too_small_message(cfg: ModelSection, image_shape: tuple[int, int, int]) -> str:
+    """Which image sizes the stride-2 stack takes, for an image it shrinks to nothing."""
+    layers, k = len(cfg.channels), cfg.kernel_size
+    smallest = 1
+    while True:  # the smallest side that survives every layer (output sizes are monotone)
+        side = smallest
+        for _ in range(layers):
+            side = (side + 2 * ((k - 1) // 2) - k) // 2 + 1
+        if side >= 1:
+            break
+        smallest += 1
+    fits = max(0, min(image_shape[1:]).bit_length() - 1)
+    return (
+        f"model.channels: {layers} stride-2 layers (kernel {k}) shrink a {image_shape[1]}x"
+        f"{image_shape[2]} image to nothing; they take sides of {smallest} or more (sides "
+        f"divisible by {2**layers} come back exactly, e.g. {2**layers}x{2**layers}); use at "
+        f"most {fits} layers, or set data.image_size"
+    )
+
+
 class ResidualBlock(nn.Module):
     """x + conv1x1(act(conv3x3(act(x)))): more depth at one resolution, same shape out."""
 
@@ -41,7 +61,7 @@ class ConvVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_shape = tuple(image_shape)
-        self.likelihood = likelihood_for(cfg.likelihood)
+        self.likelihood = likelihood_for(cfg.likelihood, cfg.mixture_components)
         c_in, h, w = self.image_shape
         k, pad = cfg.kernel_size, (cfg.kernel_size - 1) // 2
         act = ACTIVATIONS[cfg.activation]
@@ -51,10 +71,7 @@ class ConvVAE(nn.Module):
         for _ in cfg.channels:
             h, w = (h + 2 * pad - k) // 2 + 1, (w + 2 * pad - k) // 2 + 1
             if h < 1 or w < 1:
-                raise ConfigError(
-                    f"model.channels: {len(cfg.channels)} stride-2 layers with kernel {k} shrink "
-                    f"a {self.image_shape[1]}x{self.image_shape[2]} image to nothing"
-                )
+                raise ConfigError(too_small_message(cfg, self.image_shape))
             self._sizes.append((h, w))
         self._feature_shape = (cfg.channels[-1], h, w)
         flat = cfg.channels[-1] * h * w

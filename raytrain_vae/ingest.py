@@ -1,0 +1,123 @@
+"""Streaming ingest (data.ingest: stream): the user's files as Ray Data datasets that read,
+decode and shuffle in Ray Data tasks every epoch, sharded over the Ray Train workers."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import ray.data
+import ray.train
+import torch
+from ray.train import DataConfig
+
+from raytrain_vae.config import Config
+from raytrain_vae.data import catalog_for, image_shape
+from raytrain_vae.data.catalog import Unit
+from raytrain_vae.data.files import ReadPlan, read_unit
+
+# Ray Data tasks that read and decode: a fraction of a CPU each, so they also run beside
+# training workers that hold every whole CPU of a small machine.
+READ_TASK_CPUS = 0.25
+
+
+def read_unit_rows(batch: dict[str, np.ndarray], plan: ReadPlan) -> dict[str, np.ndarray]:
+    """A Ray Data task: the units in a batch (one, as read) -> their decoded rows."""
+    parts = [read_unit(Unit(**_unit_fields(batch, i)), plan) for i in range(len(batch["split"]))]
+    return {
+        "image": np.concatenate([p.images for p in parts]),
+        "label": np.concatenate([p.labels for p in parts]),
+        "hash": np.concatenate([p.hashes for p in parts]),
+    }
+
+
+def _unit_fields(batch: dict[str, np.ndarray], i: int) -> dict:
+    fields = {name: batch[name][i] for name in (f.name for f in dataclasses.fields(Unit))}
+    fields["files"] = tuple(str(f) for f in fields["files"])
+    fields["split"] = None if fields["split"] in (None, "") else str(fields["split"])
+    for name in ("row_group", "first_row", "rows"):
+        fields[name] = int(fields[name])
+    fields["parquet"] = str(fields["parquet"])
+    return fields
+
+
+def units_dataset(units: tuple[Unit, ...], plan: ReadPlan, shuffle: bool) -> ray.data.Dataset:
+    """One block per unit (some files, or one row group), in a fresh random order on every
+    pass when shuffle, mapped to decoded rows by Ray Data tasks."""
+    items = [dataclasses.asdict(u) | {"split": u.split or ""} for u in units]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    if shuffle:
+        ds = ds.randomize_block_order()
+    return ds.map_batches(
+        read_unit_rows, fn_kwargs={"plan": plan}, batch_size=1, num_cpus=READ_TASK_CPUS
+    )
+
+
+def stream_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
+    """The training (shuffled each epoch) and validation datasets of a streamed run. A decode
+    error inside a task reaches the driver as our own one-line error."""
+    catalog = catalog_for(cfg.data)
+    plan = ReadPlan.of(cfg.data, catalog)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.raise_original_map_exception, ctx.enable_progress_bars
+    # The datasets keep a copy of the context they were made in: our own errors, and no
+    # progress bars in the training log.
+    ctx.raise_original_map_exception, ctx.enable_progress_bars = True, False
+    try:
+        return {
+            "train": units_dataset(catalog.units["train"], plan, shuffle=True),
+            "val": units_dataset(catalog.units["val"], plan, shuffle=False),
+        }
+    finally:
+        ctx.raise_original_map_exception, ctx.enable_progress_bars = saved
+
+
+def stream_facts(cfg: Config) -> dict:
+    """What the workers of a streamed run need from the driver's listing: the epoch's image
+    count and the image shape."""
+    return {
+        "n_train": catalog_for(cfg.data).counts["train"],
+        "image_shape": list(image_shape(cfg.data)),
+    }
+
+
+class ShardedValidation(DataConfig):
+    """Ray Train's data config, but validation is split without dropping rows (equal=False):
+    every validation image is scored once. Training keeps Ray's equal split, so every rank
+    takes the same number of steps (DDP needs that); it drops at most world-1 images an epoch."""
+
+    def __init__(self) -> None:
+        super().__init__(datasets_to_split=["train"])
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # noqa: ANN001, ANN201
+        train = {k: v for k, v in datasets.items() if k != "val"}
+        output = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            for i, split in enumerate(datasets["val"].streaming_split(world_size, equal=False)):
+                output[i]["val"] = split
+        return output
+
+
+@dataclasses.dataclass
+class ShardStream:
+    """loop.BatchStream over this rank's Ray Train dataset shards."""
+
+    n_train: int
+    shuffle_buffer: int
+    device: torch.device
+
+    def _batches(self, name: str, batch_size: int, shuffle: bool) -> Iterator[torch.Tensor]:
+        shard = ray.train.get_dataset_shard(name)
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size,
+            local_shuffle_buffer_size=(self.shuffle_buffer or None) if shuffle else None,
+            device=self.device,
+        ):
+            yield batch["image"]
+
+    def train_batches(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
+        return self._batches("train", batch_size, shuffle=True)
+
+    def val_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        return self._batches("val", batch_size, shuffle=False)
