@@ -61,6 +61,7 @@ def evaluate(
             "iwae_nll": sums["iwae"] / n,
             "bits_per_dim": bits_per_dim(sums["iwae"] / n, dims),
         }
+    metrics["bits_per_dim_means"] = model.likelihood.bits_per_dim_meaning
     return metrics
 
 
@@ -92,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     images = images[: args.limit] if args.limit else images
     start = time.perf_counter()
     metrics = evaluate(model, images, args.k, args.batch_size, args.seed, device)
-    metrics |= {"split": args.split, "dataset": cfg.data.source, "binarize": cfg.data.binarize}
+    metrics |= {
+        "split": args.split,
+        "dataset": cfg.data.path or cfg.data.source,
+        "image_shape": list(model.image_shape),
+        "likelihood": cfg.model.likelihood,
+        "binarize": cfg.data.binarize,
+    }
     metrics["seconds"] = time.perf_counter() - start
     metrics["written_by"] = WRITTEN_BY  # lets a later run replace this file, and nothing else
     text = json.dumps(metrics, indent=1)

@@ -11,6 +11,7 @@ import torch
 from raytrain_vae.config import Config
 from raytrain_vae.data import load_splits, to_model_input
 from raytrain_vae.images import reconstruction_grid, sample_grid
+from raytrain_vae.likelihoods import likelihood_for
 from raytrain_vae.model_io import METRICS_FILE, load_model_dir, save_model_dir
 from raytrain_vae.models import VAE
 from raytrain_vae.outputs import check_output_dir, staged_dir
@@ -27,14 +28,28 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> VAE
     return model
 
 
-def _model_card(cfg: Config, metrics: dict[str, Any]) -> str:
+def _data_spec(cfg: Config, shape: tuple[int, int, int]) -> str:
+    """The images the model takes, as training shaped them (batch jobs shape inputs alike)."""
+    d = cfg.data
+    c, h, w = shape
+    steps = [f"{c}x{h}x{w} ({'grey' if c == 1 else 'RGB'})"]
+    if d.crop:
+        steps.append(f"centre crop {d.crop[1]}x{d.crop[0]}")
+    if d.image_size:
+        steps.append(f"resized to {d.image_size[1]}x{d.image_size[0]}")
+    return f"Images: {', '.join(steps)}, from {d.path or d.source} ({d.binarize} binarization)."
+
+
+def _model_card(cfg: Config, metrics: dict[str, Any], shape: tuple[int, int, int]) -> str:
     m = cfg.model
     lines = [
         "# ConvVAE exported by raytrain_vae",
         "",
-        f"Dataset: {cfg.data.source} ({cfg.data.binarize} binarization), "
-        f"likelihood {m.likelihood}, latent_dim {m.latent_dim}, channels {m.channels}, "
-        f"kernel {m.kernel_size}, hidden {m.hidden_dim}.",
+        _data_spec(cfg, shape),
+        f"Likelihood {m.likelihood} (bits/dim: "
+        f"{likelihood_for(m.likelihood, m.mixture_components).bits_per_dim_meaning}); "
+        f"latent_dim {m.latent_dim}, channels {m.channels}, kernel {m.kernel_size}, hidden "
+        f"{m.hidden_dim}.",
         f"Trained {metrics.get('epoch', '?')} epochs, batch {cfg.train.batch_size}, "
         f"lr {cfg.train.lr:g}, beta {cfg.train.beta:g}.",
         "",
@@ -53,7 +68,7 @@ def _model_card(cfg: Config, metrics: dict[str, Any]) -> str:
         "```python",
         "from raytrain_vae.export import load_model",
         "model = load_model('.')          # no pickle is loaded",
-        "images = model.sample(16)        # (16, 1, 28, 28) in [0, 1]",
+        f"images = model.sample(16)        # (16, {shape[0]}, {shape[1]}, {shape[2]}) in [0, 1]",
         "```",
         "",
     ]
@@ -76,5 +91,5 @@ def export_model(
         sample_grid(model, tmp / SAMPLES_PNG, n=cfg.export.num_samples)
         test = load_splits(cfg.data).test[: cfg.export.num_reconstructions]
         reconstruction_grid(model, to_model_input(test, False), tmp / RECONSTRUCTIONS_PNG)
-        (tmp / CARD_FILE).write_text(_model_card(cfg, metrics))
+        (tmp / CARD_FILE).write_text(_model_card(cfg, metrics, model.image_shape))
     return export_dir

@@ -132,11 +132,21 @@ def _resolve(path: str) -> tuple[pafs.FileSystem, str, str | None]:
     if isinstance(filesystem, pafs.S3FileSystem) and endpoint is not None:
         # Rebuilt from pyarrow's own pickled options (what Ray ships to its workers), with
         # bounded timeouts and retries: a dead endpoint fails in seconds, not minutes.
-        options = filesystem.__reduce__()[1][0]
+        filesystem = _with_bounded_waits(filesystem)
+    return filesystem, inner, endpoint
+
+
+def _with_bounded_waits(filesystem: pafs.S3FileSystem) -> pafs.S3FileSystem:
+    """The same S3 filesystem with bounded timeouts and retries. pyarrow takes them only in
+    the constructor, so it is rebuilt from the options it pickles itself with; should that
+    layout change, the filesystem is kept as pyarrow made it (its own, longer waits)."""
+    try:
+        options = dict(filesystem.__reduce__()[1][0])
         options.update(connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S)
         retries = pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS)
-        filesystem = pafs.S3FileSystem(**options, retry_strategy=retries)
-    return filesystem, inner, endpoint
+        return pafs.S3FileSystem(**options, retry_strategy=retries)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return filesystem
 
 
 def _env_endpoint() -> tuple[str, str] | None:

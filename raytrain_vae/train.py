@@ -20,11 +20,17 @@ from ray.train.torch import TorchTrainer
 
 from raytrain_vae.checkpoint import check_resumable, read_state
 from raytrain_vae.cli import config_from_args, run_cli
-from raytrain_vae.config import Config, UserError
-from raytrain_vae.data import check_split_fits, ensure_files, image_shape, ingest_mode
+from raytrain_vae.config import Config, ConfigError, UserError
+from raytrain_vae.data import (
+    check_split_fits,
+    decoded_bytes,
+    ensure_files,
+    image_shape,
+    ingest_mode,
+)
 from raytrain_vae.ingest import READ_TASK_CPUS, ShardedValidation, stream_datasets, stream_facts
 from raytrain_vae.model_io import METRICS_FILE, STATE_FILE
-from raytrain_vae.models.sizing import check_trainable
+from raytrain_vae.models.sizing import check_trainable, machine_memory_bytes
 from raytrain_vae.runtime import check_writable, init_ray, require_resources
 from raytrain_vae.storage import ray_storage
 from raytrain_vae.worker import train_loop_per_worker
@@ -140,6 +146,21 @@ def require_worker_resources(cfg: Config, extra_cpus: float = 0.0) -> None:
     require_resources(worker_bundles(cfg, extra_cpus), what, fix, s.resource_wait_s)
 
 
+def check_data_fits_memory(cfg: Config) -> None:
+    """Refuse data.ingest: memory for a set the workers of this machine could not all hold
+    (each keeps its own decoded copy): it could only end in a worker killed for memory."""
+    if ingest_mode(cfg.data) != "memory" or not cfg.data.reads_files:
+        return
+    have = machine_memory_bytes()
+    need = decoded_bytes(cfg.data) * min(cfg.scaling.num_workers, os.cpu_count() or 1)
+    if have and need > 0.8 * have:
+        raise ConfigError(
+            f"data.ingest=memory: {cfg.scaling.num_workers} worker(s) would each hold "
+            f"{decoded_bytes(cfg.data) / 2**30:.1f} GiB of decoded images, more than this "
+            f"machine's {have / 2**30:.0f} GiB allow; set data.ingest=stream (or auto)"
+        )
+
+
 def preflight(cfg: Config) -> None:
     """Fail fast, before Ray starts, on what the driver can check: the model fits the images and
     this machine's memory, paths are usable, and, when Ray runs embedded on this machine, the
@@ -148,7 +169,7 @@ def preflight(cfg: Config) -> None:
         ensure_files(cfg.data)  # the user's files are listed here, wherever Ray runs
     check_trainable(cfg, image_shape(cfg.data))
     check_split_fits(cfg)
-    ingest_mode(cfg.data)
+    check_data_fits_memory(cfg)
     check_writable(cfg.resolved_storage_path(), "run.storage_path")
     check_resumable(cfg)
     if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():

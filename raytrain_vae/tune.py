@@ -31,6 +31,7 @@ from raytrain_vae.search_space import Param, parse_space, trial_config, trial_co
 from raytrain_vae.storage import filesystem_for, ray_storage
 from raytrain_vae.train import (
     build_trainer,
+    data_cpus,
     preflight,
     ray_storage_args,
     require_worker_resources,
@@ -70,7 +71,8 @@ def concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
     if cfg.search.max_concurrent_trials is not None:
         return cfg.search.max_concurrent_trials
     s = cfg.scaling
-    fits = resources.get("CPU", 1) // (s.num_workers * s.cpus_per_worker + TRIAL_DRIVER_CPUS)
+    per_trial = s.num_workers * s.cpus_per_worker + TRIAL_DRIVER_CPUS + data_cpus(cfg)
+    fits = resources.get("CPU", 1) // per_trial
     if s.use_gpu:
         fits = min(fits, resources.get("GPU", 0) // (s.num_workers * s.gpus_per_worker))
     return max(1, int(fits))

@@ -10,6 +10,7 @@ import pyarrow.fs as pafs
 import pytest
 from conftest import S3Server, free_port
 
+from raytrain_vae import storage
 from raytrain_vae.config import UserError
 from raytrain_vae.storage import filesystem_for, list_files, read_bytes, storage_filesystem
 
@@ -253,3 +254,16 @@ def test_local_errors(tmp_path: Path):
         with pytest.raises(UserError) as raised:
             call()
         assert error_line(raised) == message
+
+
+def test_bounded_waits_reach_the_rebuilt_s3_filesystem(monkeypatch):
+    """pyarrow takes timeouts only in the constructor: storage rebuilds the filesystem from the
+    options pyarrow pickles itself with. This fails loudly if that layout changes (storage then
+    falls back to pyarrow's own waits)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    filesystem, inner = storage.filesystem_for("s3://bucket/some/key")
+    assert inner == "bucket/some/key"
+    options = filesystem.__reduce__()[1][0]
+    assert options["connect_timeout"] == storage.CONNECT_TIMEOUT_S
+    assert options["request_timeout"] == storage.REQUEST_TIMEOUT_S
+    assert options["endpoint_override"] == "127.0.0.1:9" and options["scheme"] == "http"

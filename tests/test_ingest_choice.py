@@ -1,0 +1,71 @@
+"""Choosing and sizing the ingest before Ray starts: memory or stream, the CPUs a stream keeps
+free for its read tasks, a memory set too big for this machine, and S3 storage for Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+from conftest import tiny_config
+from PIL import Image
+
+from raytrain_vae import data, train
+from raytrain_vae.config import ConfigError
+from raytrain_vae.ingest import READ_TASK_CPUS
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_CATALOGS", {})
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    return tmp_path
+
+
+def files_config(folder, *overrides):
+    return tiny_config("data.source=image_folder", f"data.path={folder}", *overrides)
+
+
+def test_a_stream_reserves_cpus_for_its_read_tasks(folder):
+    memory = files_config(folder, "data.ingest=memory", "scaling.num_workers=2")
+    stream = files_config(folder, "data.ingest=stream", "scaling.num_workers=2")
+    assert train.worker_bundles(memory) == [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert train.worker_bundles(stream)[-1] == {"CPU": READ_TASK_CPUS}
+    assert train.worker_bundles(stream, extra_cpus=0.1)[-1] == {"CPU": 0.1 + READ_TASK_CPUS}
+    assert train.data_cpus(memory) == 0
+
+
+def test_auto_follows_the_decoded_size(folder):
+    assert data.ingest_mode(files_config(folder).data) == "memory"
+    tiny_budget = files_config(folder, "data.stream_above_mb=0.001").data
+    assert data.decoded_bytes(tiny_budget) > 0.001 * 2**20
+    assert data.ingest_mode(tiny_budget) == "stream"
+    # the public datasets are decoded in memory whatever their size
+    assert data.ingest_mode(tiny_config("data.stream_above_mb=0.001").data) == "memory"
+
+
+def test_memory_ingest_bigger_than_the_machine_is_refused(folder, monkeypatch):
+    cfg = files_config(folder, "data.ingest=memory", "scaling.num_workers=2")
+    monkeypatch.setattr(train, "machine_memory_bytes", lambda: 10_000)
+    with pytest.raises(ConfigError, match="data.ingest=stream"):
+        train.check_data_fits_memory(cfg)
+    monkeypatch.setattr(train, "machine_memory_bytes", lambda: 2**30)
+    train.check_data_fits_memory(cfg)
+    stream = files_config(folder, "data.ingest=stream")
+    monkeypatch.setattr(train, "machine_memory_bytes", lambda: 1)
+    train.check_data_fits_memory(stream)  # a stream holds no copy
+
+
+def test_storage_for_ray_passes_the_endpoint_only_when_one_is_set(monkeypatch, tmp_path):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    assert train.ray_storage_args(str(tmp_path)) == {
+        "storage_path": str(tmp_path),
+        "storage_filesystem": None,
+    }
+    assert train.ray_storage_args("s3://b/runs")["storage_filesystem"] is None
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    args = train.ray_storage_args("s3://b/runs")
+    assert args["storage_path"] == "b/runs"
+    assert isinstance(args["storage_filesystem"], pafs.S3FileSystem)
