@@ -123,8 +123,9 @@ class Encoder:
         x = x.to(self.device).float() / 255
         mu, logvar = self.model.encode(x)
         columns = {"id": pa.array(ids, pa.int64())}
-        if "label" in batch.column_names:
-            columns["label"] = batch.column("label")
+        for passed in ("source", "label"):  # where each row came from, and its label
+            if passed in batch.column_names:
+                columns[passed] = batch.column(passed)
         columns["latent_mu"] = fixed_size_list(mu.cpu().numpy().astype(np.float32))
         columns["latent_logvar"] = fixed_size_list(logvar.cpu().numpy().astype(np.float32))
         if self.reconstruct:

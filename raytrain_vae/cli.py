@@ -96,5 +96,15 @@ def run_cli(main: Callable[[], int]) -> int:
             traceback.print_exc()
             print(BUG_LINE, file=sys.stderr)
             return 1
+        stop_embedded_ray()
         print(one_line(expected), file=sys.stderr)
         return 2
+
+
+def stop_embedded_ray() -> None:
+    """Shut down the Ray this process started, if any, before the error line is printed: its
+    workers' log lines (a Ray Data task's traceback) are forwarded late and would otherwise
+    print after it, burying the one line that says what is wrong."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

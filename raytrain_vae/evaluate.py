@@ -11,7 +11,7 @@ import torch
 
 from raytrain_vae.cli import check_flag, run_cli
 from raytrain_vae.config import SEED_LIMIT, UserError
-from raytrain_vae.data import load_splits, to_model_input
+from raytrain_vae.data import split_images, to_model_input
 from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.models import VAE
 from raytrain_vae.models.sizing import check_fits_memory, training_memory_bytes
@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if device.type == "cpu" and cfg.scaling.retain_freed_memory:
         retain_freed_memory()
-    splits = load_splits(cfg.data)
-    images = splits.test if args.split == "test" else splits.val
-    images = images[: args.limit] if args.limit else images
+    images, _ = split_images(cfg.data, args.split, args.limit)
     start = time.perf_counter()
     metrics = evaluate(model, images, args.k, args.batch_size, args.seed, device)
     metrics |= {

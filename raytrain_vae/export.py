@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from raytrain_vae.config import Config
-from raytrain_vae.data import load_splits, to_model_input
+from raytrain_vae.data import split_images, to_model_input
 from raytrain_vae.images import reconstruction_grid, sample_grid
 from raytrain_vae.likelihoods import likelihood_for
 from raytrain_vae.model_io import METRICS_FILE, load_model_dir, save_model_dir
@@ -89,7 +89,7 @@ def export_model(
     with staged_dir(export_dir, "export.dir", EXPORT_KIND) as tmp:
         save_model_dir(model, cfg, tmp, metrics)
         sample_grid(model, tmp / SAMPLES_PNG, n=cfg.export.num_samples)
-        test = load_splits(cfg.data).test[: cfg.export.num_reconstructions]
+        test, _ = split_images(cfg.data, "test", cfg.export.num_reconstructions)
         reconstruction_grid(model, to_model_input(test, False), tmp / RECONSTRUCTIONS_PNG)
         (tmp / CARD_FILE).write_text(_model_card(cfg, metrics, model.image_shape))
     return export_dir

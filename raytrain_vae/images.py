@@ -12,7 +12,7 @@ from torchvision.utils import make_grid, save_image
 
 from raytrain_vae.cli import check_flag, run_cli
 from raytrain_vae.config import SEED_LIMIT
-from raytrain_vae.data import load_splits, to_model_input
+from raytrain_vae.data import split_images, to_model_input
 from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.models import VAE
 from raytrain_vae.outputs import check_output_dir, staged_dir
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     check_flag("--seed", args.seed, 0, SEED_LIMIT - 1)
     out = check_output_dir(args.output, "--output", OUTPUT_KIND)
     model, cfg = load_model_dir(args.model)
-    test = to_model_input(load_splits(cfg.data).test[:32], False)
+    test = to_model_input(split_images(cfg.data, "test", 32)[0], False)
     written = {
         "samples.png": lambda p: sample_grid(model, p, args.num_samples, args.seed),
         "reconstructions.png": lambda p: reconstruction_grid(model, test[:16], p),

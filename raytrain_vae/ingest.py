@@ -20,13 +20,21 @@ from raytrain_vae.data.files import ReadPlan, read_unit
 # Ray Data tasks that read and decode: a fraction of a CPU each, so they also run beside
 # training workers that hold every whole CPU of a small machine.
 READ_TASK_CPUS = 0.25
+# Batches each worker formats ahead in background threads while it trains on the current one:
+# with 1, formatting and the local shuffle ran in turn with the steps (docs/performance.md).
+PREFETCH_BATCHES = 4
 
 
 def read_unit_rows(batch: dict[str, np.ndarray], plan: ReadPlan) -> dict[str, np.ndarray]:
     """A Ray Data task: the units in a batch (one, as read) -> their decoded rows."""
-    parts = [read_unit(Unit(**_unit_fields(batch, i)), plan) for i in range(len(batch["split"]))]
+    units = [Unit(**_unit_fields(batch, i)) for i in range(len(batch["split"]))]
+    parts = [read_unit(unit, plan) for unit in units]
+    images = np.concatenate([p.images for p in parts])
+    if plan.cfg.hflip and units[0].split == "train":  # augmented here, not in the training loop
+        flip = np.random.default_rng().random(len(images)) < 0.5
+        images[flip] = images[flip][..., ::-1]
     return {
-        "image": np.concatenate([p.images for p in parts]),
+        "image": images,
         "label": np.concatenate([p.labels for p in parts]),
         "hash": np.concatenate([p.hashes for p in parts]),
     }
@@ -112,6 +120,7 @@ class ShardStream:
         for batch in shard.iter_torch_batches(
             batch_size=batch_size,
             local_shuffle_buffer_size=(self.shuffle_buffer or None) if shuffle else None,
+            prefetch_batches=PREFETCH_BATCHES,
             device=self.device,
         ):
             yield batch["image"]

@@ -47,11 +47,18 @@ def fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def read_input_unit(unit: InputUnit, plan: InputPlan) -> pa.Table:
-    """One unit's rows: id, pixels (and label, from Parquet) as checked uint8 values."""
+    """One unit's rows: id, source (the file, or 'file#row' for Parquet: where the row came
+    from), pixels as checked uint8 values, and label when the Parquet has one."""
     if unit.files:
         pixels = np.stack([_decode_png(read_file(f), plan, shown_text(f)) for f in unit.files])
         ids = np.arange(unit.first_id, unit.first_id + len(unit.files))
-        return pa.table({"id": pa.array(ids, pa.int64()), "pixels": fixed_size_list(pixels)})
+        return pa.table(
+            {
+                "id": pa.array(ids, pa.int64()),
+                "source": pa.array(list(unit.files), pa.string()),
+                "pixels": fixed_size_list(pixels),
+            }
+        )
     where = shown_text(unit.parquet)
     table = _read_row_group(unit)
     ids = _id_column(table, where, unit)
@@ -62,7 +69,9 @@ def read_input_unit(unit: InputUnit, plan: InputPlan) -> pa.Table:
         pixels = _image_column(table.column("image"), plan, where, unit.first_row)
     else:
         raise UserError(f"{where}: needs an `image` (PNG/JPEG bytes) or `pixels` column")
-    columns = {"id": ids, "pixels": fixed_size_list(pixels)}
+    rows = range(unit.first_row, unit.first_row + table.num_rows)
+    sources = pa.array([f"{unit.parquet}#{row}" for row in rows], pa.string())
+    columns = {"id": ids, "source": sources, "pixels": fixed_size_list(pixels)}
     if labels is not None:
         columns["label"] = labels
     return pa.table(columns)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raytrain_vae.config import UserError, is_uri
-from raytrain_vae.data import load_splits
+from raytrain_vae.data import split_images
 from raytrain_vae.data.preprocess import ImageSpec, spec_of
 from raytrain_vae.input_rows import (
     InputPlan,
@@ -66,8 +66,7 @@ def _split_rows(cfg, split: str) -> pa.Table:
     """The rows of one split (test, val or train) of the model's own dataset."""
     if split not in ("test", "val", "train"):
         raise UserError(f"split must be test, val or train (got '{shown_text(split, 20)}')")
-    splits = load_splits(cfg.data)
-    images, labels = getattr(splits, split), getattr(splits, f"{split}_labels")
+    images, labels = split_images(cfg.data, split)
     if len(images) == 0:
         raise UserError(f"the {split} split of {cfg.data.source} has no images")
     return pa.table(

@@ -145,7 +145,15 @@ def epoch_batches(run: RankRun, epoch: int) -> Iterator[torch.Tensor]:
     n = len(run.train_images)
     idx = shard_indices(n, run.rank, run.world, epoch, run.cfg.train.seed).to(run.device)
     for start in range(0, n // run.world, run.batch_per_rank):
-        yield run.train_images[idx[start : start + run.batch_per_rank]]
+        batch = run.train_images[idx[start : start + run.batch_per_rank]]
+        yield mirror_half(batch) if run.cfg.data.hflip else batch
+
+
+def mirror_half(batch: torch.Tensor) -> torch.Tensor:
+    """data.hflip: each image mirrored left-right with probability 1/2 (torch's seeded stream,
+    so a resumed epoch flips alike)."""
+    flip = torch.rand(len(batch), device=batch.device) < 0.5
+    return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
 
 
 def train_epoch(

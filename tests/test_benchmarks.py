@@ -142,3 +142,48 @@ def test_train_throughput_smoke_prints_every_figure(tmp_path):
         r"ratio Ray Train 2 workers with Gloo / 1 worker: \d\.\d{3}",
     ):
         assert re.search(pattern, out), (pattern, out[-3000:])
+
+
+INGEST_SUMMARY = (
+    "stream/memory 1 worker",
+    "stream/memory 2 workers",
+    "PNG stream/memory 1 worker",
+    "RGB 32x32 stream/memory",
+    "RGB 64x64 stream/memory",
+    "RGB 64x64/32x32 memory img/s",
+)
+
+
+@pytest.mark.slow
+def test_ingest_throughput_smoke_prints_every_ratio(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "ingest_throughput.py"), "--smoke"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"machine: \d+ CPUs \(\d+(\.\d+)? for Ray\), torch threads \d+", out), out
+    for label in (
+        "FMNIST memory, 1 worker",
+        "FMNIST stream, 1 worker",
+        "FMNIST PNG stream, 1 worker",
+        "FMNIST memory, 2 workers",
+        "FMNIST stream, 2 workers",
+        "RGB 32x32 memory, 1 worker",
+        "RGB 32x32 stream, 1 worker",
+        "RGB 64x64 memory, 1 worker",
+        "RGB 64x64 stream, 1 worker",
+    ):
+        assert re.search(rf"\n{re.escape(label)}\s*: +\d+ img/s  \(warm epochs: \d+;", out), (
+            label, out[-3000:],
+        )  # fmt: skip
+    assert re.search(r"round 1: stream/memory 1 worker \d+\.\d\dx", out), out[-3000:]
+    summary = out[out.index("\nsummary (target: stream >= 0.9x memory") :]
+    for label in INGEST_SUMMARY:
+        match = re.search(rf"\n{re.escape(label)}: (\d+\.\d+)x", summary)
+        assert match, (label, summary)
+        assert math.isfinite(float(match.group(1))) and float(match.group(1)) > 0
+    work = re.search(r"work folder: (\S+) \(deleted at the end\)", out).group(1)
+    assert not os.path.exists(work)

@@ -185,7 +185,10 @@ def test_encode_parquet_input_uses_its_ids_and_png_images(ray_local, written_mod
     )
     assert rows == 4
     table = read_rows(tmp_path / "e")
-    assert set(table.column_names) == {"id", "label", "latent_mu", "latent_logvar"}
+    assert set(table.column_names) == {"id", "source", "label", "latent_mu", "latent_logvar"}
+    assert set(table.column("source").to_pylist()) == {
+        f"{tmp_path / 'in.parquet'}#{row}" for row in range(4)
+    }
     by_id = dict(
         zip(table.column("id").to_pylist(), table.column("latent_mu").to_pylist(), strict=True)
     )

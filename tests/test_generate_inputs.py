@@ -302,7 +302,8 @@ def test_folder_reads_png_and_jpeg_files_in_sorted_name_order(model_dir, tmp_pat
     files["notes.txt"] = b"not an image, not read"
     path = folder(tmp_path, dict(reversed(files.items())))  # creation order is not name order
     table = read_inputs(str(model_dir), "test", path)
-    assert table.column_names == ["id", "pixels"]
+    assert table.column_names == ["id", "source", "pixels"]
+    assert [Path(p).name for p in table.column("source").to_pylist()] == sorted(values)
     assert table.column("id").to_pylist() == [0, 1, 2, 3, 4]
     got = np.array(table.column("pixels").to_pylist(), dtype=np.int64)
     assert got.shape == (5, SIZE)
@@ -334,7 +335,8 @@ def test_valid_parquet_inputs_read_as_before(model_dir, tmp_path):
         row_group_size=2,
     )
     table = read_inputs(str(model_dir), "test", path)
-    assert table.column_names == ["id", "pixels", "label"]
+    assert table.column_names == ["id", "source", "pixels", "label"]
+    assert table.column("source").to_pylist() == [f"{path}#{row}" for row in range(5)]
     assert table.schema.field("pixels").type == pa.list_(pa.uint8(), SIZE)
     assert table.column("id").to_pylist() == ids
     assert table.column("label").to_pylist() == [1, 2, 3, 4, None]

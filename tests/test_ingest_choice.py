@@ -3,15 +3,20 @@ free for its read tasks, a memory set too big for this machine, and S3 storage f
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
+import torch
 from conftest import tiny_config
 from PIL import Image
 
 from raytrain_vae import data, train
 from raytrain_vae.config import ConfigError
-from raytrain_vae.ingest import READ_TASK_CPUS
+from raytrain_vae.data.files import ReadPlan, read_unit
+from raytrain_vae.ingest import READ_TASK_CPUS, read_unit_rows
+from raytrain_vae.loop import mirror_half
 
 
 @pytest.fixture
@@ -69,3 +74,46 @@ def test_storage_for_ray_passes_the_endpoint_only_when_one_is_set(monkeypatch, t
     args = train.ray_storage_args("s3://b/runs")
     assert args["storage_path"] == "b/runs"
     assert isinstance(args["storage_filesystem"], pafs.S3FileSystem)
+
+
+def test_split_images_reads_only_the_units_a_limit_needs(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_CATALOGS", {})
+    rng = np.random.default_rng(1)
+    for i in range(400):
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    cfg = files_config(tmp_path, "data.binarize=none").data
+    read = []
+    original = data.files.read_unit
+    monkeypatch.setattr(data.files, "read_unit", lambda u, p: read.append(u) or original(u, p))
+    images, labels = data.split_images(cfg, "train", 10)
+    assert images.shape == (10, 3, 4, 4) and len(labels) == 10 and len(read) == 1
+    every, _ = data.split_images(cfg, "train")
+    assert len(every) == data.split_counts(cfg)["train"]
+    assert torch.equal(every[:10], images)
+
+
+def test_hflip_mirrors_about_half_the_training_images_in_both_ingests(folder):
+    """Memory: in the loop, per batch; stream: in the Ray Data task that decodes the unit."""
+    torch.manual_seed(0)
+    batch = torch.randint(0, 256, (400, 3, 4, 5), dtype=torch.uint8)
+    out = mirror_half(batch)
+    same = (out == batch).flatten(1).all(1)
+    mirrored = (out == batch.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 150 < int(mirrored.sum()) < 250
+
+    cfg = files_config(folder, "data.hflip=true", "data.binarize=none").data
+    catalog = data.catalog_for(cfg)
+    plan = ReadPlan.of(cfg, catalog)
+    unit = catalog.units["train"][0]
+    plain = read_unit(unit, plan).images
+    fields = {k: np.array([v]) for k, v in dataclasses.asdict(unit).items()}
+    fields["files"] = np.array([list(unit.files)], dtype=object)
+    streamed = read_unit_rows(fields, plan)["image"]
+    flipped = [not np.array_equal(a, b) for a, b in zip(plain, streamed, strict=True)]
+    assert any(flipped) and not all(flipped)
+    for a, b, was in zip(plain, streamed, flipped, strict=True):
+        assert np.array_equal(b, a[..., ::-1] if was else a)
+    val_unit = catalog.units["val"][0]
+    fields = {k: np.array([v]) for k, v in dataclasses.asdict(val_unit).items()}
+    fields["files"] = np.array([list(val_unit.files)], dtype=object)
+    assert np.array_equal(read_unit_rows(fields, plan)["image"], read_unit(val_unit, plan).images)

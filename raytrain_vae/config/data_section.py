@@ -79,6 +79,11 @@ class DataSection(Section):
         description="Centre-crop every image to this size before resizing: N or [height, "
         "width]; null = no crop. CelebA: crop 140, image_size 64.",
     )
+    hflip: bool = Field(
+        False,
+        description="Augment: mirror each training image left-right with probability 1/2, "
+        "afresh every epoch (in the Ray Data tasks when streamed); validation and test never.",
+    )
     binarize: Literal["none", "static", "dynamic"] = Field(
         "dynamic",
         description="none: grey levels in [0, 1]; static: one fixed Bernoulli sample per image; "

@@ -162,6 +162,27 @@ def load_splits(cfg: DataSection) -> Splits:
     )
 
 
+def split_images(
+    cfg: DataSection, split: str, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images, labels) of one split (train, val or test), the first `limit` only when
+    given: the user's files are read unit by unit until there are enough, not all decoded."""
+    if not cfg.reads_files:
+        splits = load_splits(cfg)
+        images, labels = getattr(splits, split), getattr(splits, f"{split}_labels")
+        return images[:limit], labels[:limit]
+    catalog = catalog_for(cfg)
+    plan = ReadPlan.of(cfg, catalog)
+    units, taken = [], 0
+    for unit in catalog.units[split]:
+        if limit is not None and taken >= limit:
+            break
+        units.append(unit)
+        taken += len(unit.files) or unit.rows
+    rows = read_units(tuple(units), plan)
+    return torch.from_numpy(rows.images[:limit]), torch.from_numpy(rows.labels[:limit])
+
+
 def _load_file_splits(cfg: DataSection) -> Splits:
     """The user's files, every split decoded (and fixed binarizations drawn) in memory."""
     catalog = catalog_for(cfg)
