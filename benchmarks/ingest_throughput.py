@@ -1,5 +1,7 @@
-"""Ingest throughput: images decoded once into each worker's memory (data.ingest=memory) vs read,
-decoded and shuffled from storage by Ray Data tasks every epoch (data.ingest=stream).
+"""Ingest throughput: images in each worker's memory vs streamed by Ray Data every epoch.
+
+data.ingest=memory decodes every image once into each worker; data.ingest=stream reads, decodes
+and shuffles them from storage in Ray Data tasks every epoch.
 
 Every run trains the default config's model with its batch size through raytrain_vae.train.fit.
 Fashion-MNIST in memory (data.source=fashion_mnist) is compared with the same images written to
@@ -15,6 +17,7 @@ run's epochs after its first. Target: stream >= 0.9x memory at steady state.
     python benchmarks/ingest_throughput.py              # all of Fashion-MNIST, 5000 RGB images
     python benchmarks/ingest_throughput.py --rounds 2   # each case twice, in turns
     python benchmarks/ingest_throughput.py --smoke      # a few hundred images, 2 epochs
+    python benchmarks/ingest_throughput.py data.shuffle_buffer=0   # overrides for every run
 """
 
 from __future__ import annotations
@@ -237,6 +240,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help=limit)
     parser.add_argument("--rounds", type=int, default=1, help="turns each case takes")
     parser.add_argument("--smoke", action="store_true", help="a few hundred images, 2 epochs")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value for every run's config")
     args = parser.parse_args()
     if args.rounds < 1 or args.epochs < 2:
         parser.error("--rounds must be at least 1 and --epochs at least 2 (the first is dropped)")
@@ -253,7 +257,7 @@ def main() -> None:
         for i, size in enumerate((32, 64)):
             data[f"rgb{size}"] = rgb_folder(work / f"rgb{size}", rgb_n, size, seed=i)
         groups = build_cases(data, cpus, [f"data.limit={fmnist_n}"] if fmnist_n else [])
-        common = [f"train.epochs={epochs}"]
+        common = [f"train.epochs={epochs}", *args.overrides]
         for r in range(rounds):
             for group in groups:
                 for case in group if r % 2 == 0 else group[::-1]:
