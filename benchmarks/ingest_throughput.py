@@ -42,7 +42,7 @@ from PIL import Image
 
 from raytrain_vae.config import load_config
 from raytrain_vae.data import ingest_mode, load_splits
-from raytrain_vae.ingest import READ_TASK_CPUS
+from raytrain_vae.ingest import STREAM_SPARE_CPUS
 from raytrain_vae.runtime import init_ray
 from raytrain_vae.train import fit, history_of
 
@@ -224,7 +224,7 @@ def header(cpus: float, epochs: int, rounds: int, work: Path) -> None:
         f"machine: {os.cpu_count()} CPUs ({cpus:g} for Ray), torch threads "
         f"{torch.get_num_threads()}; workers: 1 x {worker_cpus(cpus, 1):g} CPU, 2 x "
         f"{worker_cpus(cpus, 2):g} CPU (>= {DATA_CPUS:g} CPU left for reading; the project "
-        f"keeps {READ_TASK_CPUS:g})"
+        f"keeps {STREAM_SPARE_CPUS:g})"
     )
     print(
         f"model channels={cfg.model.channels} latent={cfg.model.latent_dim} "

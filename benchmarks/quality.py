@@ -169,9 +169,9 @@ def train_from_parquet_stream(cfg, test: torch.Tensor, folder: Path) -> tuple[li
                 }
             ),
             "run": cfg.run.model_copy(update={"name": f"{cfg.run.name}-parquet"}),
-            # Streaming keeps 0.25 CPU free for Ray Data's read tasks; a worker still runs one
-            # torch thread (int(0.75) rounds up to 1), as in the memory run.
-            "scaling": cfg.scaling.model_copy(update={"cpus_per_worker": 0.75}),
+            # Streaming keeps a whole CPU free for Ray Data's read tasks; a worker still runs
+            # one torch thread (int(0.5) rounds up to 1), as in the memory run.
+            "scaling": cfg.scaling.model_copy(update={"cpus_per_worker": 0.5}),
         }
     )
     checkpoints, wall = train_project(streamed)

@@ -17,9 +17,11 @@ from raytrain_vae.data import catalog_for, image_shape
 from raytrain_vae.data.catalog import Unit
 from raytrain_vae.data.files import ReadPlan, read_unit
 
-# Ray Data tasks that read and decode: a fraction of a CPU each, so they also run beside
-# training workers that hold every whole CPU of a small machine.
+# Ray Data tasks that read and decode: a fraction of a CPU each, several at once.
 READ_TASK_CPUS = 0.25
+# What a streamed run keeps free beside its workers: Ray 2.60 shares the spare CPUs with Ray
+# Data in whole CPUs (0.5 spare became 0, and the stream stalled), so one whole CPU.
+STREAM_SPARE_CPUS = 1.0
 # Batches each worker formats ahead in background threads while it trains on the current one:
 # with 1, formatting and the local shuffle ran in turn with the steps (docs/performance.md).
 PREFETCH_BATCHES = 4

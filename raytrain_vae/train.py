@@ -28,7 +28,7 @@ from raytrain_vae.data import (
     image_shape,
     ingest_mode,
 )
-from raytrain_vae.ingest import READ_TASK_CPUS, ShardedValidation, stream_datasets, stream_facts
+from raytrain_vae.ingest import STREAM_SPARE_CPUS, ShardedValidation, stream_datasets, stream_facts
 from raytrain_vae.model_io import METRICS_FILE, STATE_FILE
 from raytrain_vae.models.sizing import check_trainable, machine_memory_bytes
 from raytrain_vae.runtime import check_writable, init_ray, require_resources
@@ -119,7 +119,7 @@ def worker_resources(cfg: Config) -> dict[str, float]:
 def data_cpus(cfg: Config) -> float:
     """CPUs a run keeps free beside its workers for Ray Data's read tasks when it streams
     (Ray Train leaves Ray Data only what its workers do not hold: with none, reading waits)."""
-    return READ_TASK_CPUS if ingest_mode(cfg.data) == "stream" else 0.0
+    return STREAM_SPARE_CPUS if ingest_mode(cfg.data) == "stream" else 0.0
 
 
 def worker_bundles(cfg: Config, extra_cpus: float = 0.0) -> list[dict[str, float]]:

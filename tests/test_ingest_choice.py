@@ -15,7 +15,7 @@ from PIL import Image
 from raytrain_vae import data, train
 from raytrain_vae.config import ConfigError
 from raytrain_vae.data.files import ReadPlan, read_unit
-from raytrain_vae.ingest import READ_TASK_CPUS, read_unit_rows
+from raytrain_vae.ingest import STREAM_SPARE_CPUS, read_unit_rows
 from raytrain_vae.loop import mirror_half
 
 
@@ -36,8 +36,8 @@ def test_a_stream_reserves_cpus_for_its_read_tasks(folder):
     memory = files_config(folder, "data.ingest=memory", "scaling.num_workers=2")
     stream = files_config(folder, "data.ingest=stream", "scaling.num_workers=2")
     assert train.worker_bundles(memory) == [{"CPU": 1.0}, {"CPU": 1.0}]
-    assert train.worker_bundles(stream)[-1] == {"CPU": READ_TASK_CPUS}
-    assert train.worker_bundles(stream, extra_cpus=0.1)[-1] == {"CPU": 0.1 + READ_TASK_CPUS}
+    assert train.worker_bundles(stream)[-1] == {"CPU": STREAM_SPARE_CPUS} == {"CPU": 1.0}
+    assert train.worker_bundles(stream, extra_cpus=0.1)[-1] == {"CPU": 0.1 + STREAM_SPARE_CPUS}
     assert train.data_cpus(memory) == 0
 
 

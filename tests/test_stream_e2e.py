@@ -158,6 +158,7 @@ def test_train_search_export_and_sample_against_s3(s3_server, tmp_path):
     search = run_cli(
         "tune", str(REPO / "configs/quickstart.yaml"), *common, "train.epochs=1",
         "search.num_samples=2", "search.space={train.lr: {choice: [0.001, 0.002]}}",
+        "scaling.cpus_per_worker=0.9",  # + 0.1 for the trial + 1 kept free for reading = 2
         "run.name=s3search", f"export.dir={export}", cwd=tmp_path,
     )  # fmt: skip
     assert search.returncode == 0, search.stderr[-3000:]
