@@ -75,40 +75,44 @@ def build_rank_run(cfg: Config, rank: int, world: int, device: torch.device) -> 
         raise ConfigError(
             f"{len(splits.train)} training images cannot be split over {world} workers"
         )
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, splits.image_shape)
-    model = model.to(device, memory_format=memory_format_for(cfg))
-    return RankRun(
-        cfg=cfg,
-        model=model,
-        trained=model,
-        optimizer=make_optimizer(model, cfg, device),
-        train_images=splits.train.to(device),
-        val_images=splits.val.to(device),
-        dynamic_binarize=splits.dynamic_binarize,
-        rank=rank,
-        world=world,
-    )
+    return new_rank_run(
+        cfg, rank, world, device, splits.image_shape,
+        train_images=splits.train.to(device), val_images=splits.val.to(device),
+    )  # fmt: skip
 
 
 def build_streamed_rank_run(
     cfg: Config, rank: int, world: int, device: torch.device, stream: dict
 ) -> RankRun:
     """This rank's model and optimizer, with its images streamed from its dataset shards."""
+    shards = ShardStream(stream["n_train"], cfg.data.shuffle_buffer, device)
+    return new_rank_run(cfg, rank, world, device, tuple(stream["image_shape"]), stream=shards)
+
+
+def new_rank_run(
+    cfg: Config,
+    rank: int,
+    world: int,
+    device: torch.device,
+    image_shape: tuple[int, int, int],
+    **images: object,
+) -> RankRun:
+    """A RankRun with a new model (seeded alike on every rank) and its optimizer; `images` are
+    the images in memory (train_images, val_images) or the stream."""
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, tuple(stream["image_shape"]))
+    model = build_model(cfg.model, image_shape)
     model = model.to(device, memory_format=memory_format_for(cfg))
     return RankRun(
         cfg=cfg,
         model=model,
         trained=model,
         optimizer=make_optimizer(model, cfg, device),
-        train_images=None,
-        val_images=None,
+        train_images=images.get("train_images"),
+        val_images=images.get("val_images"),
         dynamic_binarize=cfg.data.binarize == "dynamic",
         rank=rank,
         world=world,
-        stream=ShardStream(stream["n_train"], cfg.data.shuffle_buffer, device),
+        stream=images.get("stream"),
     )
 
 
