@@ -4,11 +4,11 @@ decode and shuffle in Ray Data tasks every epoch, sharded over the Ray Train wor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import ray.data
-import ray.train
 import torch
 from ray.train import DataConfig
 
@@ -111,14 +111,16 @@ class ShardedValidation(DataConfig):
 
 @dataclasses.dataclass
 class ShardStream:
-    """loop.BatchStream over this rank's Ray Train dataset shards."""
+    """loop.BatchStream over this rank's dataset shards: Ray Train's shards, or in a trial's
+    own process the whole datasets (`shard_of` gives either by name)."""
 
     n_train: int
     shuffle_buffer: int
     device: torch.device
+    shard_of: Callable[[str], Any]
 
     def _batches(self, name: str, batch_size: int, shuffle: bool) -> Iterator[torch.Tensor]:
-        shard = ray.train.get_dataset_shard(name)
+        shard = self.shard_of(name)
         for batch in shard.iter_torch_batches(
             batch_size=batch_size,
             local_shuffle_buffer_size=(self.shuffle_buffer or None) if shuffle else None,

@@ -40,7 +40,7 @@ def trial_table(cfg: Config, params: list[Param], results: Iterable[Any]) -> pd.
                 best = history.loc[best_idx]
                 row[f"best_{metric}"] = float(best[metric])
                 row["best_epoch"] = int(best["epoch"])
-                row["best_checkpoint"] = best.get("checkpoint_path")
+                row["best_checkpoint"] = checkpoint_of(result, best)
             last = history.iloc[-1]
             for key in ("val_neg_elbo", "val_recon", "val_kl"):
                 row[key] = float(last[key])
@@ -49,6 +49,16 @@ def trial_table(cfg: Config, params: list[Param], results: Iterable[Any]) -> pd.
         row["error"] = str(result.error).strip().splitlines()[-1][:200] if result.error else ""
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def checkpoint_of(result: Any, epoch_row: pd.Series) -> str | None:
+    """The checkpoint an epoch reported: a Ray Train run's path (forwarded to Tune as
+    checkpoint_path), or the trial's own Tune checkpoint folder."""
+    if isinstance(epoch_row.get("checkpoint_path"), str):
+        return epoch_row["checkpoint_path"]
+    if isinstance(epoch_row.get("checkpoint_dir_name"), str):
+        return f"{result.path}/{epoch_row['checkpoint_dir_name']}"
+    return None
 
 
 def pareto_front(table: pd.DataFrame, metrics: list[str], modes: list[str]) -> pd.DataFrame:

@@ -51,16 +51,15 @@ def build_trainer(
     storage_path: str | None = None,
     callbacks: list | None = None,
     score: tuple[str, str] = ("val_neg_elbo", "min"),
+    label: str = "",
 ) -> TorchTrainer:
-    """A TorchTrainer for this config; tune passes its own run name, storage and callbacks.
+    """A TorchTrainer for this config; tune passes its own run name, storage, callbacks and a
+    label for the log lines.
 
     Ray keeps the run.checkpoints_to_keep best checkpoints by `score`, and always the latest."""
     s = cfg.scaling
-    loop_config: dict = {"config": cfg.model_dump(mode="json")}
-    streamed: dict = {}
-    if ingest_mode(cfg.data) == "stream":
-        loop_config["stream"] = stream_facts(cfg)
-        streamed = {"datasets": stream_datasets(cfg), "dataset_config": ShardedValidation()}
+    loop_config, datasets = loop_inputs(cfg, label)
+    streamed = {"datasets": datasets, "dataset_config": ShardedValidation()} if datasets else {}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -88,6 +87,16 @@ def build_trainer(
             logging_config=LoggingConfig(log_level=cfg.run.log_level),
         ),
     )
+
+
+def loop_inputs(cfg: Config, label: str = "") -> tuple[dict, dict]:
+    """The rank function's config (with the stream's facts when streamed, and a label for its
+    log lines) and, when streamed, its datasets."""
+    loop_config: dict = {"config": cfg.model_dump(mode="json"), "label": label}
+    if ingest_mode(cfg.data) != "stream":
+        return loop_config, {}
+    loop_config["stream"] = stream_facts(cfg)
+    return loop_config, stream_datasets(cfg)
 
 
 def ray_storage_args(path: str) -> dict:

@@ -1,4 +1,4 @@
-"""Ray Tune + Optuna search over the YAML space; each trial a Ray Train run; best model exported."""
+"""Ray Tune + Optuna search over the YAML space: run the trials, export the best model."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pandas as pd
 import ray
 from ray import tune
 from ray.train import Checkpoint
+from ray.tune import PlacementGroupFactory
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -18,6 +19,7 @@ from raytrain_vae.cli import config_parser, run_cli
 from raytrain_vae.config import Config, ConfigError, is_uri, load_config, validate_config
 from raytrain_vae.export import EXPORT_KIND, export_model
 from raytrain_vae.outputs import check_output_dir
+from raytrain_vae.rank_host import trial_process_host
 from raytrain_vae.runtime import init_ray
 from raytrain_vae.search_results import (
     best_trial,
@@ -32,11 +34,14 @@ from raytrain_vae.storage import filesystem_for, ray_storage
 from raytrain_vae.train import (
     build_trainer,
     data_cpus,
+    loop_inputs,
     preflight,
     ray_storage_args,
     require_worker_resources,
     user_error_from,
+    worker_resources,
 )
+from raytrain_vae.worker import run_rank
 
 TRIAL_DRIVER_CPUS = 0.1  # the Tune function only waits on its TorchTrainer
 SUMMARY_FILE = "summary"
@@ -44,9 +49,15 @@ PARETO_FILE = "pareto"
 
 
 def run_trial(sampled: dict, base: dict, params: list[Param], trials_path: str) -> None:
-    """Tune trainable: one trial = one Ray Train run whose epochs are forwarded to Tune."""
+    """Tune trainable: one trial = one rank in this process (a single-worker trial, when
+    search.local_trials), or one Ray Train run whose epochs are forwarded to Tune."""
     cfg = trial_config(validate_config(base, "search config"), params, sampled)
     trial_id = tune.get_context().get_trial_id()
+    label = f"trial {trial_id}"
+    if runs_in_trial_process(cfg):
+        loop_config, datasets = loop_inputs(cfg, label)
+        run_rank(loop_config, trial_process_host(datasets, cfg.scaling.use_gpu))
+        return
     # A stable run name (no timestamp) lets Tuner.restore resume the trial's own Train run.
     trainer = build_trainer(
         cfg,
@@ -54,12 +65,31 @@ def run_trial(sampled: dict, base: dict, params: list[Param], trials_path: str) 
         storage_path=trials_path,
         callbacks=[TuneReportCallback()],
         score=cfg.search.selection,
+        label=label,
     )
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as exc:
         user_error = user_error_from(exc)
         raise (user_error or exc) from None
+
+
+def trial_dirname(trial: tune.experiment.Trial) -> str:
+    return f"trial_{trial.trial_id}"  # Tune's default spells out every sampled value
+
+
+def runs_in_trial_process(cfg: Config) -> bool:
+    """A single-worker trial runs in its Tune trial's own process unless search.local_trials is
+    off: the same loop, without a Ray Train controller and worker group to start."""
+    return cfg.search.local_trials and cfg.scaling.num_workers == 1
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What a trial reserves: its one rank's CPUs (and GPU) when it runs in its own process;
+    otherwise a sliver, as its Ray Train workers reserve their own."""
+    if runs_in_trial_process(cfg):
+        return worker_resources(cfg)
+    return {"CPU": TRIAL_DRIVER_CPUS}
 
 
 def experiment_path(cfg: Config) -> str:
@@ -71,7 +101,9 @@ def concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
     if cfg.search.max_concurrent_trials is not None:
         return cfg.search.max_concurrent_trials
     s = cfg.scaling
-    per_trial = s.num_workers * s.cpus_per_worker + TRIAL_DRIVER_CPUS + data_cpus(cfg)
+    per_trial = data_cpus(cfg) + trial_resources(cfg)["CPU"]
+    if not runs_in_trial_process(cfg):
+        per_trial += s.num_workers * s.cpus_per_worker
     fits = resources.get("CPU", 1) // per_trial
     if s.use_gpu:
         fits = min(fits, resources.get("GPU", 0) // (s.num_workers * s.gpus_per_worker))
@@ -125,9 +157,21 @@ def make_tuner(cfg: Config, params: list[Param]) -> tune.Tuner:
             scheduler=scheduler,
             num_samples=s.num_samples,
             max_concurrent_trials=concurrent_trials(cfg, ray.cluster_resources()),
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=cfg.run.name, **ray_storage_args(cfg.resolved_storage_path()), verbose=1
+            name=cfg.run.name,
+            **ray_storage_args(cfg.resolved_storage_path()),
+            verbose=1,
+            # For the trials run in their own process (a Ray Train run keeps its own).
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=cfg.run.checkpoints_to_keep,
+                checkpoint_score_attribute=cfg.search.selection[0],
+                checkpoint_score_order=cfg.search.selection[1],
+            ),
+            failure_config=tune.FailureConfig(
+                max_failures=cfg.run.max_failures if runs_in_trial_process(cfg) else 0
+            ),
         ),
     )
 
@@ -139,7 +183,13 @@ def _trainable(cfg: Config, params: list[Param]):
         params=params,
         trials_path=f"{experiment_path(cfg)}/trials",
     )
-    return tune.with_resources(fn, {"cpu": TRIAL_DRIVER_CPUS})
+    # Per trial: a search over scaling keys may mix local and Ray Train trials.
+    return tune.with_resources(
+        fn,
+        lambda sampled: PlacementGroupFactory(
+            [trial_resources(trial_config(cfg, params, sampled))]
+        ),
+    )
 
 
 def export_best(cfg: Config, best: pd.Series) -> Path:
@@ -173,7 +223,7 @@ def search(cfg: Config, resume: bool = False) -> tuple[pd.DataFrame, Path]:
     preflight(cfg)
     largest = _largest_trial(trial_configs(cfg, params))
     init_ray()
-    require_worker_resources(largest, TRIAL_DRIVER_CPUS)
+    require_worker_resources(largest, 0.0 if runs_in_trial_process(largest) else TRIAL_DRIVER_CPUS)
     if resume:
         tuner = tune.Tuner.restore(
             ray_path,

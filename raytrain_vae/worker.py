@@ -1,4 +1,4 @@
-"""The Ray Train worker function: wires one rank's data, model, checkpoints and reports to loop."""
+"""One rank's run, in a Ray Train worker or a Tune trial: its data, model, checkpoints, reports."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import ray.train
-import ray.train.torch
 import torch
 
 from raytrain_vae.checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -25,6 +23,7 @@ from raytrain_vae.models import build_model
 from raytrain_vae.optim import make_optimizer
 from raytrain_vae.perf.heap import retain_freed_memory
 from raytrain_vae.perf.shm_allreduce import shared_memory_all_reduce
+from raytrain_vae.rank_host import RankHost, train_worker_host
 from raytrain_vae.runtime import quiet_train_report_log
 
 
@@ -35,37 +34,48 @@ def log(line: str) -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """One DDP rank: load data, build model, resume if a checkpoint exists, train, report."""
+    """One rank of a Ray Train worker group (the TorchTrainer's function)."""
+    run_rank(loop_config, train_worker_host())
+
+
+def run_rank(loop_config: dict, host: RankHost) -> None:
+    """One rank: load data, build model, resume if a checkpoint exists, train, report.
+    loop_config: the config, the stream's facts when streamed, and a label for the log lines."""
     cfg = validate_config(loop_config["config"], "train loop config")
     quiet_train_report_log(cfg.run.log_level)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
+    if host.device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         if cfg.scaling.retain_freed_memory:
             retain_freed_memory()
-    stream = loop_config.get("stream")
-    if stream is not None:
-        run = build_streamed_rank_run(cfg, rank, world, device, stream)
-    else:
-        run = build_rank_run(cfg, rank, world, device)
-    state = restore(run)
+    run = build_run(cfg, host, loop_config.get("stream"))
+    state = restore(run, host)
     if state.epoch >= cfg.train.epochs:
-        report_finished_run(run, state)
+        report_finished_run(run, host, state)
         return
-    run.trained = ray.train.torch.prepare_model(run.model)
-    share_gradients_through_memory(run, ctx.get_local_world_size() == world)
-    fail_once = fault_injector(rank)
-    binarizer = torch.Generator(device=device)
-    val_indices = None if stream else eval_indices(len(run.val_images), rank, world).to(device)
+    run.trained = host.prepare_model(run.model)
+    share_gradients_through_memory(run, host.local_world == host.world)
+    fail_once = fault_injector(host.rank)
+    binarizer = torch.Generator(device=host.device)
+    val_indices = None
+    if run.stream is None:
+        val_indices = eval_indices(len(run.val_images), host.rank, host.world).to(host.device)
+    prefix = f"{loop_config['label']}: " if loop_config.get("label") else ""
     for epoch in range(state.epoch, cfg.train.epochs):
         if fail_once:
             fail_once(epoch + 1)
         metrics = run_epoch(run, state, epoch, binarizer, val_indices)
-        if rank == 0:
-            log(format_metrics(metrics, cfg.train.epochs))
-        report(run, state, metrics)
+        if host.rank == 0:
+            log(prefix + format_metrics(metrics, cfg.train.epochs))
+        report(run, host, state, metrics)
+
+
+def build_run(cfg: Config, host: RankHost, stream: dict | None) -> RankRun:
+    """This rank's RankRun: its images in memory, or streamed from its dataset shards."""
+    if stream is None:
+        return build_rank_run(cfg, host.rank, host.world, host.device)
+    shards = ShardStream(stream["n_train"], cfg.data.shuffle_buffer, host.device, host.dataset)
+    image_shape = tuple(stream["image_shape"])
+    return new_rank_run(cfg, host.rank, host.world, host.device, image_shape, stream=shards)
 
 
 def build_rank_run(cfg: Config, rank: int, world: int, device: torch.device) -> RankRun:
@@ -79,14 +89,6 @@ def build_rank_run(cfg: Config, rank: int, world: int, device: torch.device) -> 
         cfg, rank, world, device, splits.image_shape,
         train_images=splits.train.to(device), val_images=splits.val.to(device),
     )  # fmt: skip
-
-
-def build_streamed_rank_run(
-    cfg: Config, rank: int, world: int, device: torch.device, stream: dict
-) -> RankRun:
-    """This rank's model and optimizer, with its images streamed from its dataset shards."""
-    shards = ShardStream(stream["n_train"], cfg.data.shuffle_buffer, device)
-    return new_rank_run(cfg, rank, world, device, tuple(stream["image_shape"]), stream=shards)
 
 
 def new_rank_run(
@@ -116,9 +118,9 @@ def new_rank_run(
     )
 
 
-def restore(run: RankRun) -> TrainState:
-    """The state to continue from: Ray Train's latest checkpoint, or a fresh start."""
-    checkpoint = ray.train.get_checkpoint()
+def restore(run: RankRun, host: RankHost) -> TrainState:
+    """The state to continue from: the host's latest checkpoint, or a fresh start."""
+    checkpoint = host.get_checkpoint()
     if checkpoint is None:
         return TrainState()
     with checkpoint.as_directory() as folder:
@@ -145,19 +147,21 @@ def share_gradients_through_memory(run: RankRun, one_host: bool) -> None:
         )
 
 
-def report(run: RankRun, state: TrainState, metrics: dict, save: bool = True) -> None:
-    """Report an epoch's metrics to Ray Train, with rank 0's checkpoint of the state if save."""
+def report(
+    run: RankRun, host: RankHost, state: TrainState, metrics: dict, save: bool = True
+) -> None:
+    """Report an epoch's metrics to the host, with rank 0's checkpoint of the state if save."""
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
+        folder = None
         if run.rank == 0 and save:
             save_checkpoint(Path(tmp), run.model, run.optimizer, state, run.cfg)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+            folder = tmp
+        host.report(metrics, folder)
 
 
-def report_finished_run(run: RankRun, state: TrainState) -> None:
+def report_finished_run(run: RankRun, host: RankHost, state: TrainState) -> None:
     """Report a run that resumed after its last epoch again, epoch by epoch, ending with its
     final checkpoint. A search restored after its driver died re-runs a trial whose end it had
     not recorded; reporting nothing would show that trial as having trained no epoch."""
     for i, metrics in enumerate(state.history):
-        report(run, state, metrics, save=i == len(state.history) - 1)
+        report(run, host, state, metrics, save=i == len(state.history) - 1)

@@ -27,6 +27,7 @@ LOWER = {
 }
 HIGHER = {
     "worker",
+    "rank_host",
     "train",
     "tune",
     "search_space",

@@ -81,7 +81,7 @@ def test_search_runs_every_trial_and_asha_stops_some(asha_search):
         run_dir = Path(row["best_checkpoint"]).parent
         epochs = [
             json.loads((c / "metrics.json").read_text())["epoch"]
-            for c in run_dir.glob("checkpoint_2*")
+            for c in run_dir.glob("checkpoint_*")
         ]
         assert max(epochs) <= row["epochs"] + 2 < cfg.train.epochs
     lists = [json.loads(v) for v in table["model.channels"]]
@@ -148,4 +148,35 @@ def test_multi_objective_search_writes_a_non_dominated_pareto_front(ray_local, t
         assert any(
             (f.val_recon <= row.val_recon and f.val_kl <= row.val_kl) for f in front.itertuples()
         )
+    assert (export / "model.safetensors").is_file()
+
+
+def test_single_worker_trials_run_in_their_own_process_and_ddp_trials_as_ray_train_runs(
+    ray_local, tmp_path
+):
+    """One search over the worker count: a 1-worker trial runs in its Tune trial's process
+    (checkpoints in the trial's folder), a 2-worker trial as a Ray Train run (DDP, checkpoints
+    under trials/); both report every epoch and either can be exported."""
+    cfg = tiny_search_config(
+        tmp_path,
+        "mixed",
+        [
+            "search.num_samples=3",
+            "search.scheduler.type=none",
+            "search.algorithm.sampler=random",
+            "search.space={scaling.num_workers: {choice: [1, 2]}}",
+            "scaling.cpus_per_worker=0.5",
+        ],
+    )
+    table, export = search(cfg)
+    assert set(table["scaling.num_workers"]) == {1, 2}, table  # the seeded sampler tried both
+    assert (table["status"] == "done").all() and (table["epochs"] == 2).all(), table
+    experiment = tmp_path / "runs" / "mixed"
+    for _, row in table.iterrows():
+        checkpoint = Path(row["best_checkpoint"])
+        if row["scaling.num_workers"] == 1:
+            assert checkpoint.parent == experiment / f"trial_{row['trial_id']}"
+        else:
+            assert checkpoint.parent == experiment / "trials" / f"train-{row['trial_id']}"
+        assert json.loads((checkpoint / "metrics.json").read_text())["epoch"] == row["best_epoch"]
     assert (export / "model.safetensors").is_file()

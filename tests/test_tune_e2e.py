@@ -74,14 +74,14 @@ def test_killed_search_resumes_and_exports_best_over_all_trials(tmp_path):
     first = subprocess.Popen(
         cmd, cwd=REPO, env=clean_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    trials = tmp_path / "runs" / "resume" / "trials"
+    experiment = tmp_path / "runs" / "resume"
     try:
         deadline = time.monotonic() + 240
-        # The second trial's Train run starts only after the first finished (1 at a time).
-        while len(list(trials.glob("train-*"))) < 2 and time.monotonic() < deadline:
+        # The second trial starts only after the first finished (1 at a time).
+        while len(list(experiment.glob("trial_*"))) < 2 and time.monotonic() < deadline:
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(1)
-        assert len(list(trials.glob("train-*"))) >= 2, "search never reached its second trial"
+        assert len(list(experiment.glob("trial_*"))) >= 2, "search never reached its 2nd trial"
     finally:
         kill_group(first)  # SIGKILL-equivalent for the driver and its embedded Ray
     assert not (tmp_path / "export").exists()

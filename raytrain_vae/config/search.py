@@ -50,6 +50,12 @@ class SearchSection(Section):
         le=100_000,
         description="Trials at once; null = as many as the cluster's CPUs/GPUs fit.",
     )
+    local_trials: bool = Field(
+        True,
+        description="Run each single-worker trial in its Tune trial's own process, with no Ray "
+        "Train worker group to start and stop (seconds less per trial); false runs every trial "
+        "as a Ray Train run. Trials with several workers always run as Ray Train runs (DDP).",
+    )
     algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     space: dict[str, dict[str, Any]] = Field(
