@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +57,8 @@ def run_trial(sampled: dict, base: dict, params: list[Param], trials_path: str) 
     trial_id = tune.get_context().get_trial_id()
     label = f"trial {trial_id}"
     if runs_in_trial_process(cfg):
+        # Tune's checkpoint bookkeeping logs each epoch at INFO through Ray Train's loggers.
+        logging.getLogger("ray.train").setLevel(cfg.run.log_level)
         loop_config, datasets = loop_inputs(cfg, label)
         run_rank(loop_config, trial_process_host(datasets, cfg.scaling.use_gpu))
         return
@@ -136,7 +140,7 @@ def make_searcher(cfg: Config, params: list[Param]) -> OptunaSearch:
     )
 
 
-def make_tuner(cfg: Config, params: list[Param]) -> tune.Tuner:
+def make_tuner(cfg: Config, params: list[Param], callbacks: list | None = None) -> tune.Tuner:
     s = cfg.search
     trainable = _trainable(cfg, params)
     scheduler = None
@@ -158,11 +162,15 @@ def make_tuner(cfg: Config, params: list[Param]) -> tune.Tuner:
             num_samples=s.num_samples,
             max_concurrent_trials=concurrent_trials(cfg, ray.cluster_resources()),
             trial_dirname_creator=trial_dirname,
+            # A finished trial's process runs the next trial (Ray 2.60's default is a new process
+            # each time: torch and this package imported again, seconds per trial).
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=cfg.run.name,
             **ray_storage_args(cfg.resolved_storage_path()),
             verbose=1,
+            callbacks=callbacks,
             # For the trials run in their own process (a Ray Train run keeps its own).
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=cfg.run.checkpoints_to_keep,
@@ -204,8 +212,11 @@ def export_best(cfg: Config, best: pd.Series) -> Path:
         return export_model(folder, cfg.resolved_export_dir(), extra)
 
 
-def search(cfg: Config, resume: bool = False) -> tuple[pd.DataFrame, Path]:
-    """Run (or resume) the search, write its summary, export the best model; (table, export)."""
+def search(
+    cfg: Config, resume: bool = False, callbacks: list | None = None
+) -> tuple[pd.DataFrame, Path]:
+    """Run (or resume) the search, write its summary, export the best model; (table, export).
+    callbacks: extra ray.tune.Callback objects for a new search (a benchmark's timer)."""
     params = parse_space(cfg)
     if not params:
         raise ConfigError("search.space is empty: name at least one config key to search")
@@ -221,6 +232,9 @@ def search(cfg: Config, resume: bool = False) -> tuple[pd.DataFrame, Path]:
     if resume and not exists:
         raise ConfigError(f"--resume: no experiment to resume at {path}")
     preflight(cfg)
+    # With CheckpointConfig(num_to_keep), Tune saves its state when a trial has kept that many
+    # checkpoints, and warns each time it does so within 5 s: every few epochs of a short trial.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     largest = _largest_trial(trial_configs(cfg, params))
     init_ray()
     require_worker_resources(largest, 0.0 if runs_in_trial_process(largest) else TRIAL_DRIVER_CPUS)
@@ -232,7 +246,7 @@ def search(cfg: Config, resume: bool = False) -> tuple[pd.DataFrame, Path]:
             storage_filesystem=filesystem,
         )
     else:
-        tuner = make_tuner(cfg, params)
+        tuner = make_tuner(cfg, params, callbacks)
     results = tuner.fit()
 
     table = trial_table(cfg, params, results)

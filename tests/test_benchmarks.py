@@ -187,3 +187,31 @@ def test_ingest_throughput_smoke_prints_every_ratio(tmp_path):
         assert math.isfinite(float(match.group(1))) and float(match.group(1)) > 0
     work = re.search(r"work folder: (\S+) \(deleted at the end\)", out).group(1)
     assert not os.path.exists(work)
+
+
+@pytest.mark.slow
+def test_search_overhead_smoke_prints_every_figure():
+    out = run_smoke("search_overhead.py")
+    assert re.search(r"machine: \d+ CPUs; Ray start-up \d+\.\d s", out), out[-3000:]
+    for label in (
+        "1 worker, in the trial's process",
+        "1 worker, Ray Train run",
+        r"\d workers \(DDP\), Ray Train run",
+    ):
+        assert re.search(
+            rf"\n{label}\s*: \d trials, per-trial overhead \(median\)\s+\d+\.\d\d s, "
+            r"search\s+\d+\.\d s for\s+\d+\.\d s of epochs = \d+\.\d\dx",
+            out,
+        ), (label, out[-3000:])
+    summary = out[out.index("\nsummary (targets: overhead <= 2 s") :]
+    for pattern in (
+        r"one-worker per-trial overhead: \d+\.\d\d s",
+        r"one-worker search / its epochs: \d+\.\d\dx",
+        r"one-worker search after Ray start-up \(\d+\.\d s\): \d+\.\d s against "
+        r"1\.2 x epochs = \d+\.\d s \((met|not met)\)",
+        r"one-worker first trial's overhead \(Tune's start, the trial process\): \d+\.\d\d s",
+        r"overhead in-process / Ray Train run: \d+\.\d\dx",
+        r"search wall in-process / Ray Train run: \d+\.\d\dx",
+        r"\d-worker DDP trial overhead: \d+\.\d\d s",
+    ):
+        assert re.search(pattern, summary), (pattern, summary)

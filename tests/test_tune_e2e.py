@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -99,6 +100,28 @@ def test_killed_search_resumes_and_exports_best_over_all_trials(tmp_path):
     best = table.loc[table["best_val_neg_elbo"].idxmin()]
     assert f"best trial {best['trial_id']}" in resumed.stdout
     load_model(tmp_path / "export")
+
+
+# What Ray prints at error level: its Python loggers ("ERROR", "CRITICAL"), its C++ core
+# ("[2026-11-30 13:04:24,564 E 13971 14035] core_worker.cc"), and uncaught tracebacks.
+ERROR_LINE = re.compile(
+    r"\b(ERROR|CRITICAL)\b|\[[0-9-]+ [0-9:,]+ [EF] \d+ \d+\]|^Traceback|Traceback \("
+)
+
+
+def test_a_healthy_search_prints_no_error_level_line_and_ends_with_its_summary(tmp_path):
+    config = write_search_config(tmp_path, "healthy", num_samples=2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raytrain_vae.tune", str(config)],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if ERROR_LINE.search(line)]
+    assert not errors, "\n".join(errors[:20])
+    epoch_lines = [line for line in proc.stdout.splitlines() if "epoch 1/2" in line]
+    assert len(epoch_lines) == 2 and all(re.search(r"trial \w{8}: epoch", x) for x in epoch_lines)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("best trial ") and "exported to" in last, proc.stdout[-2000:]
 
 
 def free_port() -> int:
