@@ -136,6 +136,6 @@ def print_summary(cfg: Config, table: pd.DataFrame) -> None:
     if "seconds" in table and table["seconds"].notna().any():
         overhead = (table["seconds"] - table["train_seconds"]).dropna()
         print(
-            f"per-trial overhead outside epochs (Ray Train start-up, teardown): "
+            f"per-trial time outside epochs (start-up, data, checkpoints, teardown): "
             f"{overhead.mean():.1f} s on average over {len(overhead)} trials"
         )
