@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -12,16 +11,13 @@ import pandas as pd
 import ray
 from ray import tune
 from ray.train import Checkpoint
-from ray.tune import PlacementGroupFactory
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from raytrain_vae.cli import config_parser, run_cli
-from raytrain_vae.config import Config, ConfigError, is_uri, load_config, validate_config
+from raytrain_vae.config import Config, ConfigError, is_uri, load_config
 from raytrain_vae.export import EXPORT_KIND, export_model
 from raytrain_vae.outputs import check_output_dir
-from raytrain_vae.rank_host import trial_process_host
 from raytrain_vae.runtime import init_ray
 from raytrain_vae.search_results import (
     best_trial,
@@ -31,97 +27,28 @@ from raytrain_vae.search_results import (
     trial_table,
     write_table,
 )
-from raytrain_vae.search_space import Param, parse_space, trial_config, trial_configs
+from raytrain_vae.search_space import Param, parse_space, trial_configs
 from raytrain_vae.storage import filesystem_for, ray_storage
 from raytrain_vae.train import (
-    build_trainer,
-    data_cpus,
-    loop_inputs,
     preflight,
     ray_storage_args,
     require_worker_resources,
-    user_error_from,
-    worker_resources,
 )
-from raytrain_vae.worker import run_rank
+from raytrain_vae.trial import (
+    TRIAL_DRIVER_CPUS,
+    concurrent_trials,
+    largest_trial,
+    runs_in_trial_process,
+    trial_dirname,
+    trial_trainable,
+)
 
-TRIAL_DRIVER_CPUS = 0.1  # the Tune function only waits on its TorchTrainer
 SUMMARY_FILE = "summary"
 PARETO_FILE = "pareto"
 
 
-def run_trial(sampled: dict, base: dict, params: list[Param], trials_path: str) -> None:
-    """Tune trainable: one trial = one rank in this process (a single-worker trial, when
-    search.local_trials), or one Ray Train run whose epochs are forwarded to Tune."""
-    cfg = trial_config(validate_config(base, "search config"), params, sampled)
-    trial_id = tune.get_context().get_trial_id()
-    label = f"trial {trial_id}"
-    if runs_in_trial_process(cfg):
-        # Tune's checkpoint bookkeeping logs each epoch at INFO through Ray Train's loggers.
-        logging.getLogger("ray.train").setLevel(cfg.run.log_level)
-        loop_config, datasets = loop_inputs(cfg, label)
-        run_rank(loop_config, trial_process_host(datasets, cfg.scaling.use_gpu))
-        return
-    # A stable run name (no timestamp) lets Tuner.restore resume the trial's own Train run.
-    trainer = build_trainer(
-        cfg,
-        name=f"train-{trial_id}",
-        storage_path=trials_path,
-        callbacks=[TuneReportCallback()],
-        score=cfg.search.selection,
-        label=label,
-    )
-    try:
-        trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        user_error = user_error_from(exc)
-        raise (user_error or exc) from None
-
-
-def trial_dirname(trial: tune.experiment.Trial) -> str:
-    return f"trial_{trial.trial_id}"  # Tune's default spells out every sampled value
-
-
-def runs_in_trial_process(cfg: Config) -> bool:
-    """A single-worker trial runs in its Tune trial's own process unless search.local_trials is
-    off: the same loop, without a Ray Train controller and worker group to start."""
-    return cfg.search.local_trials and cfg.scaling.num_workers == 1
-
-
-def trial_resources(cfg: Config) -> dict[str, float]:
-    """What a trial reserves: its one rank's CPUs (and GPU) when it runs in its own process;
-    otherwise a sliver, as its Ray Train workers reserve their own."""
-    if runs_in_trial_process(cfg):
-        return worker_resources(cfg)
-    return {"CPU": TRIAL_DRIVER_CPUS}
-
-
 def experiment_path(cfg: Config) -> str:
     return f"{cfg.resolved_storage_path().rstrip('/')}/{cfg.run.name}"
-
-
-def concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
-    """search.max_concurrent_trials, or as many trials as the cluster's CPUs and GPUs hold."""
-    if cfg.search.max_concurrent_trials is not None:
-        return cfg.search.max_concurrent_trials
-    s = cfg.scaling
-    per_trial = data_cpus(cfg) + trial_resources(cfg)["CPU"]
-    if not runs_in_trial_process(cfg):
-        per_trial += s.num_workers * s.cpus_per_worker
-    fits = resources.get("CPU", 1) // per_trial
-    if s.use_gpu:
-        fits = min(fits, resources.get("GPU", 0) // (s.num_workers * s.gpus_per_worker))
-    return max(1, int(fits))
-
-
-def _largest_trial(configs: list[Config]) -> Config:
-    """The trial config that asks for the most CPUs, then GPUs: if it fits, every trial does."""
-
-    def need(c: Config) -> tuple[float, float]:
-        s = c.scaling
-        return s.num_workers * s.cpus_per_worker, s.num_workers * s.gpus_per_worker * s.use_gpu
-
-    return max(configs, key=need)
 
 
 def make_searcher(cfg: Config, params: list[Param]) -> OptunaSearch:
@@ -140,9 +67,26 @@ def make_searcher(cfg: Config, params: list[Param]) -> OptunaSearch:
     )
 
 
+def live_view(cfg: Config, params: list[Param]) -> tune.CLIReporter:
+    """Tune's trial table while the search runs: the search metric(s), the epoch and the
+    sampled parameters, the best trial first."""
+    s = cfg.search
+    metrics = list(s.metric) if s.multi_objective else [s.metric]
+    return tune.CLIReporter(
+        metric_columns=[*metrics, "epoch"],
+        parameter_columns=[p.path for p in params],
+        # Tune passes a single search metric to the reporter itself (and refuses it twice).
+        metric=s.selection[0] if s.multi_objective else None,
+        mode=s.selection[1] if s.multi_objective else None,
+        sort_by_metric=True,
+        max_column_length=24,
+        max_report_frequency=30,
+    )
+
+
 def make_tuner(cfg: Config, params: list[Param], callbacks: list | None = None) -> tune.Tuner:
     s = cfg.search
-    trainable = _trainable(cfg, params)
+    trainable = trial_trainable(cfg, params, f"{experiment_path(cfg)}/trials")
     scheduler = None
     if s.scheduler.type == "asha":
         scheduler = ASHAScheduler(
@@ -170,6 +114,7 @@ def make_tuner(cfg: Config, params: list[Param], callbacks: list | None = None) 
             name=cfg.run.name,
             **ray_storage_args(cfg.resolved_storage_path()),
             verbose=1,
+            progress_reporter=live_view(cfg, params),
             callbacks=callbacks,
             # For the trials run in their own process (a Ray Train run keeps its own).
             checkpoint_config=tune.CheckpointConfig(
@@ -180,22 +125,6 @@ def make_tuner(cfg: Config, params: list[Param], callbacks: list | None = None) 
             failure_config=tune.FailureConfig(
                 max_failures=cfg.run.max_failures if runs_in_trial_process(cfg) else 0
             ),
-        ),
-    )
-
-
-def _trainable(cfg: Config, params: list[Param]):
-    fn = tune.with_parameters(
-        run_trial,
-        base=cfg.model_dump(mode="json"),
-        params=params,
-        trials_path=f"{experiment_path(cfg)}/trials",
-    )
-    # Per trial: a search over scaling keys may mix local and Ray Train trials.
-    return tune.with_resources(
-        fn,
-        lambda sampled: PlacementGroupFactory(
-            [trial_resources(trial_config(cfg, params, sampled))]
         ),
     )
 
@@ -235,13 +164,17 @@ def search(
     # With CheckpointConfig(num_to_keep), Tune saves its state when a trial has kept that many
     # checkpoints, and warns each time it does so within 5 s: every few epochs of a short trial.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    largest = _largest_trial(trial_configs(cfg, params))
+    # Ray 2.60's default trial table shows the first four metrics a trial reports and no
+    # parameters; its classic one (live_view) shows the columns we name. RAY_AIR_NEW_OUTPUT=1
+    # brings the default back.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    largest = largest_trial(trial_configs(cfg, params))
     init_ray()
     require_worker_resources(largest, 0.0 if runs_in_trial_process(largest) else TRIAL_DRIVER_CPUS)
     if resume:
         tuner = tune.Tuner.restore(
             ray_path,
-            trainable=_trainable(cfg, params),
+            trainable=trial_trainable(cfg, params, f"{experiment_path(cfg)}/trials"),
             resume_errored=True,
             storage_filesystem=filesystem,
         )

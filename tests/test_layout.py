@@ -28,6 +28,7 @@ LOWER = {
 HIGHER = {
     "worker",
     "rank_host",
+    "trial",
     "train",
     "tune",
     "search_space",

@@ -28,12 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def write_search_config(tmp_path: Path, name: str, num_samples: int) -> Path:
+def write_search_config(
+    tmp_path: Path, name: str, num_samples: int, epochs: int = 2, limit: int = 300
+) -> Path:
     assert Path(SYSTEM_DIRS["fashion_mnist"][0]).is_dir(), "needs dataset-fashion-mnist"
     cfg = {
-        "data": {"root": str(tmp_path / "data"), "download": False, "limit": 300},
+        "data": {"root": str(tmp_path / "data"), "download": False, "limit": limit},
         "model": {"channels": [4, 8], "hidden_dim": 16, "latent_dim": 2},
-        "train": {"epochs": 2, "batch_size": 32},
+        "train": {"epochs": epochs, "batch_size": 32},
         "scaling": {"num_workers": 1},
         "run": {"name": name, "storage_path": str(tmp_path / "runs")},
         "search": {
@@ -69,7 +71,9 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 def test_killed_search_resumes_and_exports_best_over_all_trials(tmp_path):
-    config = write_search_config(tmp_path, "resume", num_samples=3)
+    # Trials of a few seconds each (one-worker trials start in well under a second): the
+    # driver is killed while the second runs, long before the third.
+    config = write_search_config(tmp_path, "resume", num_samples=3, epochs=4, limit=4000)
     cmd = [sys.executable, "-m", "raytrain_vae.tune", str(config)]
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(
@@ -81,7 +85,7 @@ def test_killed_search_resumes_and_exports_best_over_all_trials(tmp_path):
         # The second trial starts only after the first finished (1 at a time).
         while len(list(experiment.glob("trial_*"))) < 2 and time.monotonic() < deadline:
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(1)
+            time.sleep(0.1)
         assert len(list(experiment.glob("trial_*"))) >= 2, "search never reached its 2nd trial"
     finally:
         kill_group(first)  # SIGKILL-equivalent for the driver and its embedded Ray
@@ -96,7 +100,7 @@ def test_killed_search_resumes_and_exports_best_over_all_trials(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     table = pd.read_csv(tmp_path / "runs" / "resume" / "summary.csv")
     assert len(table) == 3 and set(table["status"]) == {"done"}, table
-    assert (table["epochs"] == 2).all()
+    assert (table["epochs"] == 4).all()
     best = table.loc[table["best_val_neg_elbo"].idxmin()]
     assert f"best trial {best['trial_id']}" in resumed.stdout
     load_model(tmp_path / "export")

@@ -17,7 +17,12 @@ from raytrain_vae.config import Config, ConfigError, UserError, load_config, val
 from raytrain_vae.search_results import best_trial, pareto_front, trial_table
 from raytrain_vae.search_space import Param, parse_space
 from raytrain_vae.train import user_error_from
-from raytrain_vae.tune import TRIAL_DRIVER_CPUS, concurrent_trials
+from raytrain_vae.trial import (
+    TRIAL_DRIVER_CPUS,
+    concurrent_trials,
+    runs_in_trial_process,
+    trial_resources,
+)
 
 NAN = float("nan")
 INF = float("inf")
@@ -61,6 +66,34 @@ def test_concurrent_trials_counts_trials_the_cpus_hold():
     assert concurrent_trials(cfg, {"CPU": 8.0, "GPU": 0.0}) == 3
     # Fractional CPUs per worker: 2 x 0.5 + 0.1 = 1.1 per trial; 8 // 1.1 = 7.
     assert concurrent_trials(scaling("num_workers=2", "cpus_per_worker=0.5"), {"CPU": 8.0}) == 7
+
+
+def test_one_worker_trials_run_in_their_own_process_and_reserve_their_worker():
+    one = scaling("num_workers=1", "cpus_per_worker=1")
+    assert runs_in_trial_process(one)
+    assert trial_resources(one) == {"CPU": 1.0}  # no 0.1 on top: there is no TorchTrainer
+    assert concurrent_trials(one, {"CPU": 8.0}) == 8
+    gpu = scaling("num_workers=1", "cpus_per_worker=2", "use_gpu=true", "gpus_per_worker=0.5")
+    assert trial_resources(gpu) == {"CPU": 2.0, "GPU": 0.5}
+    assert concurrent_trials(gpu, {"CPU": 16.0, "GPU": 3.0}) == 6
+    # search.local_trials=false: a Ray Train run, its worker reserved apart from the trial.
+    train = load_config(None, ["scaling.num_workers=1", "search.local_trials=false"])
+    assert not runs_in_trial_process(train)
+    assert trial_resources(train) == {"CPU": TRIAL_DRIVER_CPUS}
+    assert concurrent_trials(train, {"CPU": 8.0}) == 7  # 8 // 1.1
+    # Several workers are always a Ray Train run (DDP).
+    two = scaling("num_workers=2", "cpus_per_worker=1")
+    assert not runs_in_trial_process(two) and trial_resources(two) == {"CPU": TRIAL_DRIVER_CPUS}
+
+
+def test_a_streamed_trial_keeps_a_cpu_free_for_reading(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")  # listed only by name here: nothing is decoded
+    cfg = load_config(
+        None,
+        ["data.source=image_folder", f"data.path={tmp_path}", "data.ingest=stream",
+         "scaling.num_workers=1", "scaling.cpus_per_worker=1"],
+    )  # fmt: skip
+    assert concurrent_trials(cfg, {"CPU": 8.0}) == 4  # (1 + 1) per trial
 
 
 def test_concurrent_trials_is_gpu_bound_when_trials_use_gpus():
