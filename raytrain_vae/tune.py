@@ -67,6 +67,18 @@ def make_searcher(cfg: Config, params: list[Param]) -> OptunaSearch:
     )
 
 
+def set_tune_output_defaults() -> None:
+    """Tune's output settings, unless the user set them: the live view we choose, and none of
+    the warnings a healthy search would print."""
+    # With CheckpointConfig(num_to_keep), Tune saves its state when a trial has kept that many
+    # checkpoints, and warns each time it does so within 5 s: every few epochs of a short trial.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ray 2.60's default trial table shows the first four metrics a trial reports and no
+    # parameters; its classic one (live_view) shows the columns we name. RAY_AIR_NEW_OUTPUT=1
+    # brings the default back.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
 def live_view(cfg: Config, params: list[Param]) -> tune.CLIReporter:
     """Tune's trial table while the search runs: the search metric(s), the epoch and the
     sampled parameters, the best trial first."""
@@ -161,13 +173,7 @@ def search(
     if resume and not exists:
         raise ConfigError(f"--resume: no experiment to resume at {path}")
     preflight(cfg)
-    # With CheckpointConfig(num_to_keep), Tune saves its state when a trial has kept that many
-    # checkpoints, and warns each time it does so within 5 s: every few epochs of a short trial.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Ray 2.60's default trial table shows the first four metrics a trial reports and no
-    # parameters; its classic one (live_view) shows the columns we name. RAY_AIR_NEW_OUTPUT=1
-    # brings the default back.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    set_tune_output_defaults()
     largest = largest_trial(trial_configs(cfg, params))
     init_ray()
     require_worker_resources(largest, 0.0 if runs_in_trial_process(largest) else TRIAL_DRIVER_CPUS)
