@@ -33,6 +33,7 @@ from raytrain_vae.model_io import METRICS_FILE, STATE_FILE
 from raytrain_vae.models.sizing import check_trainable, machine_memory_bytes
 from raytrain_vae.runtime import check_writable, init_ray, require_resources
 from raytrain_vae.storage import ray_storage
+from raytrain_vae.tracking import check_tracking, run_tags, tracking_spec
 from raytrain_vae.worker import train_loop_per_worker
 
 CONTROLLER_RETRIES = 2
@@ -52,13 +53,14 @@ def build_trainer(
     callbacks: list | None = None,
     score: tuple[str, str] = ("val_neg_elbo", "min"),
     label: str = "",
+    tracking: dict | None = None,
 ) -> TorchTrainer:
-    """A TorchTrainer for this config; tune passes its own run name, storage, callbacks and a
-    label for the log lines.
+    """A TorchTrainer for this config; tune passes its own run name, storage, callbacks, a
+    label for the log lines and what its rank 0 tracks (tracking.tracking_spec).
 
     Ray keeps the run.checkpoints_to_keep best checkpoints by `score`, and always the latest."""
     s = cfg.scaling
-    loop_config, datasets = loop_inputs(cfg, label)
+    loop_config, datasets = loop_inputs(cfg, label, tracking)
     streamed = {"datasets": datasets, "dataset_config": ShardedValidation()} if datasets else {}
     return TorchTrainer(
         train_loop_per_worker,
@@ -89,10 +91,12 @@ def build_trainer(
     )
 
 
-def loop_inputs(cfg: Config, label: str = "") -> tuple[dict, dict]:
-    """The rank function's config (with the stream's facts when streamed, and a label for its
-    log lines) and, when streamed, its datasets."""
+def loop_inputs(cfg: Config, label: str = "", tracking: dict | None = None) -> tuple[dict, dict]:
+    """The rank function's config (with the stream's facts when streamed, a label for its log
+    lines, and what it tracks) and, when streamed, its datasets."""
     loop_config: dict = {"config": cfg.model_dump(mode="json"), "label": label}
+    if tracking is not None:
+        loop_config["tracking"] = tracking
     if ingest_mode(cfg.data) != "stream":
         return loop_config, {}
     loop_config["stream"] = stream_facts(cfg)
@@ -181,6 +185,7 @@ def preflight(cfg: Config) -> None:
     check_data_fits_memory(cfg)
     check_writable(cfg.resolved_storage_path(), "run.storage_path")
     check_resumable(cfg)
+    check_tracking(cfg)
     if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
         ensure_files(cfg.data)
 
@@ -191,12 +196,22 @@ def fit(cfg: Config) -> Result:
     init_ray()
     require_worker_resources(cfg)
     try:
-        return build_trainer(cfg).fit()
+        return build_trainer(cfg, tracking=run_tracking(cfg)).fit()
     except ray.train.TrainingFailedError as exc:
         user_error = user_error_from(exc)
         if user_error is not None:
             raise user_error from None
         raise
+
+
+def run_tracking(cfg: Config) -> dict | None:
+    """What a training run's rank 0 tracks: its own MLflow run, found again by the run's
+    folder when it resumes, and TensorBoard events in that folder."""
+    if not cfg.tracked:
+        return None
+    folder = f"{cfg.resolved_storage_path().rstrip('/')}/{cfg.run.name}"
+    tags = run_tags(ray.get_runtime_context().gcs_address)
+    return tracking_spec(cfg, folder, tags, f"{folder}/tensorboard", mlflow=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from raytrain_vae.config import Config, validate_config
 from raytrain_vae.rank_host import trial_process_host
 from raytrain_vae.search_space import Param, trial_config
+from raytrain_vae.tracking import tracking_spec
 from raytrain_vae.train import (
     build_trainer,
     data_cpus,
@@ -25,32 +26,43 @@ from raytrain_vae.worker import run_rank
 TRIAL_DRIVER_CPUS = 0.1  # a trial that runs a TorchTrainer only waits on it
 
 
-def run_trial(sampled: dict, base: dict, params: list[Param], trials_path: str) -> None:
+def run_trial(sampled: dict, base: dict, params: list[Param], experiment: str) -> None:
     """Tune trainable: one trial = one rank in this process (a single-worker trial, when
     search.local_trials), or one Ray Train run whose epochs are forwarded to Tune."""
     cfg = trial_config(validate_config(base, "search config"), params, sampled)
     trial_id = tune.get_context().get_trial_id()
     label = f"trial {trial_id}"
+    tracking = trial_tracking(cfg, experiment, trial_id)
     if runs_in_trial_process(cfg):
         # Tune's checkpoint bookkeeping logs each epoch at INFO through Ray Train's loggers.
         logging.getLogger("ray.train").setLevel(cfg.run.log_level)
-        loop_config, datasets = loop_inputs(cfg, label)
+        loop_config, datasets = loop_inputs(cfg, label, tracking)
         run_rank(loop_config, trial_process_host(datasets, cfg.scaling.use_gpu))
         return
     # A stable run name (no timestamp) lets Tuner.restore resume the trial's own Train run.
     trainer = build_trainer(
         cfg,
         name=f"train-{trial_id}",
-        storage_path=trials_path,
+        storage_path=f"{experiment}/trials",
         callbacks=[TuneReportCallback()],
         score=cfg.search.selection,
         label=label,
+        tracking=tracking,
     )
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as exc:
         user_error = user_error_from(exc)
         raise (user_error or exc) from None
+
+
+def trial_tracking(cfg: Config, experiment: str, trial_id: str) -> dict | None:
+    """What a trial's rank 0 tracks: its TensorBoard events (the search's driver sends its
+    MLflow runs)."""
+    if not cfg.tracking.tensorboard:
+        return None
+    folder = f"{experiment}/tensorboard/trial_{trial_id}"
+    return tracking_spec(cfg, f"{experiment}/trial_{trial_id}", {}, folder, mlflow=False)
 
 
 def trial_dirname(trial: tune.experiment.Trial) -> str:
@@ -95,10 +107,11 @@ def largest_trial(configs: list[Config]) -> Config:
     return max(configs, key=need)
 
 
-def trial_trainable(cfg: Config, params: list[Param], trials_path: str):
-    """run_trial as Tune's trainable, with the base config and what each trial reserves."""
+def trial_trainable(cfg: Config, params: list[Param], experiment: str):
+    """run_trial as Tune's trainable, with the base config and what each trial reserves;
+    experiment: the search's folder (local path or URI)."""
     fn = tune.with_parameters(
-        run_trial, base=cfg.model_dump(mode="json"), params=params, trials_path=trials_path
+        run_trial, base=cfg.model_dump(mode="json"), params=params, experiment=experiment
     )
     # Per trial: a search over scaling keys may mix local and Ray Train trials.
     return tune.with_resources(

@@ -15,7 +15,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from raytrain_vae.cli import config_parser, run_cli
-from raytrain_vae.config import Config, ConfigError, is_uri, load_config
+from raytrain_vae.config import Config, ConfigError, is_uri, load_config, shown_uri
 from raytrain_vae.export import EXPORT_KIND, export_model
 from raytrain_vae.outputs import check_output_dir
 from raytrain_vae.runtime import init_ray
@@ -28,7 +28,9 @@ from raytrain_vae.search_results import (
     write_table,
 )
 from raytrain_vae.search_space import Param, parse_space, trial_configs
+from raytrain_vae.search_tracking import SearchTracker
 from raytrain_vae.storage import filesystem_for, ray_storage
+from raytrain_vae.tracking import run_tags
 from raytrain_vae.train import (
     preflight,
     ray_storage_args,
@@ -98,7 +100,7 @@ def live_view(cfg: Config, params: list[Param]) -> tune.CLIReporter:
 
 def make_tuner(cfg: Config, params: list[Param], callbacks: list | None = None) -> tune.Tuner:
     s = cfg.search
-    trainable = trial_trainable(cfg, params, f"{experiment_path(cfg)}/trials")
+    trainable = trial_trainable(cfg, params, experiment_path(cfg))
     scheduler = None
     if s.scheduler.type == "asha":
         scheduler = ASHAScheduler(
@@ -180,34 +182,68 @@ def search(
     if resume:
         tuner = tune.Tuner.restore(
             ray_path,
-            trainable=trial_trainable(cfg, params, f"{experiment_path(cfg)}/trials"),
+            trainable=trial_trainable(cfg, params, path),
             resume_errored=True,
             storage_filesystem=filesystem,
         )
     else:
-        tuner = make_tuner(cfg, params, callbacks)
-    results = tuner.fit()
-
-    table = trial_table(cfg, params, results)
+        tuner = make_tuner(cfg, params, [*(callbacks or []), *search_trackers(cfg, params)])
+    table = trial_table(cfg, params, tuner.fit())
     print_summary(cfg, table)
-    for written in write_table(table, path, SUMMARY_FILE):
-        print(f"trial summary: {written}")
-    if cfg.search.multi_objective:
-        metrics, modes = list(cfg.search.metric), list(cfg.search.mode)
-        front = pareto_front(table, metrics, modes)
-        for written in write_table(front, path, PARETO_FILE):
-            print(f"Pareto front: {written}")
-        if not is_uri(path):
-            plot_pareto(table, front, metrics, Path(path) / f"{PARETO_FILE}.png")
-            print(f"Pareto plot: {path}/{PARETO_FILE}.png")
+    written = write_outputs(cfg, table, path)
     best = best_trial(cfg, table)
     export = export_best(cfg, best)
+    if cfg.tracking.mlflow.uri:
+        report_tracking(cfg, params, best, export, written)
     metric, _ = cfg.search.selection
     print(
         f"best trial {best['trial_id']}: {metric} {best[f'best_{metric}']:.3f} nats at epoch "
         f"{int(best['best_epoch'])}; exported to {export}"
     )
     return table, export
+
+
+def search_trackers(cfg: Config, params: list[Param]) -> list[SearchTracker]:
+    """The search's MLflow runs, when tracking.mlflow.uri is set (Tune keeps the callback with
+    the experiment, so a resumed search goes on with it)."""
+    if not cfg.tracking.mlflow.uri:
+        return []
+    tags = run_tags(ray.get_runtime_context().gcs_address)
+    return [SearchTracker(cfg, params, experiment_path(cfg), tags)]
+
+
+def write_outputs(cfg: Config, table: pd.DataFrame, path: str) -> list[str]:
+    """The trial summary and, in multi-objective mode, the Pareto front and its plot."""
+    written = write_table(table, path, SUMMARY_FILE)
+    for file in written:
+        print(f"trial summary: {file}")
+    if cfg.search.multi_objective:
+        metrics, modes = list(cfg.search.metric), list(cfg.search.mode)
+        front = pareto_front(table, metrics, modes)
+        for file in write_table(front, path, PARETO_FILE):
+            print(f"Pareto front: {file}")
+            written.append(file)
+        if not is_uri(path):
+            plot_pareto(table, front, metrics, Path(path) / f"{PARETO_FILE}.png")
+            print(f"Pareto plot: {path}/{PARETO_FILE}.png")
+            written.append(f"{path}/{PARETO_FILE}.png")
+    return written
+
+
+def report_tracking(
+    cfg: Config, params: list[Param], best: pd.Series, export: Path, written: list[str]
+) -> None:
+    """The search's end in MLflow: best trial, export, files, registered version."""
+    tracker = SearchTracker.active or SearchTracker(
+        cfg, params, experiment_path(cfg), run_tags(ray.get_runtime_context().gcs_address)
+    )
+    files = [Path(f) for f in written if not is_uri(f) and f.endswith((".csv", ".png"))]
+    version = tracker.finish_search(best, export, files)
+    where = f"MLflow: search run {tracker.parent().run_id} in experiment {tracker.experiment}"
+    registered = cfg.tracking.mlflow.register_as
+    if registered:
+        where += f"; registered as {registered} version {version or '(not sent)'}"
+    print(f"{where} ({shown_uri(cfg.tracking.mlflow.uri)})")
 
 
 def main(argv: list[str] | None = None) -> int:

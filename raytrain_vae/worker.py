@@ -25,6 +25,7 @@ from raytrain_vae.perf.heap import retain_freed_memory
 from raytrain_vae.perf.shm_allreduce import shared_memory_all_reduce
 from raytrain_vae.rank_host import RankHost, train_worker_host
 from raytrain_vae.runtime import quiet_train_report_log
+from raytrain_vae.tracking import RankTracker
 
 
 def log(line: str) -> None:
@@ -54,19 +55,43 @@ def run_rank(loop_config: dict, host: RankHost) -> None:
         return
     run.trained = host.prepare_model(run.model)
     share_gradients_through_memory(run, host.local_world == host.world)
+    tracking = loop_config.get("tracking")
+    tracker = None
+    if tracking and host.rank == 0:
+        tracker = RankTracker(cfg, tracking, run, resumed=state.epoch > 0)
+    try:
+        train_epochs(run, host, state, loop_config.get("label"), tracker)
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.failed(exc)
+        raise
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def train_epochs(
+    run: RankRun, host: RankHost, state: TrainState, label: str | None, tracker: RankTracker | None
+) -> None:
+    """The remaining epochs: train, log (rank 0), track, report with a checkpoint."""
+    cfg = run.cfg
     fail_once = fault_injector(host.rank)
     binarizer = torch.Generator(device=host.device)
     val_indices = None
     if run.stream is None:
         val_indices = eval_indices(len(run.val_images), host.rank, host.world).to(host.device)
-    prefix = f"{loop_config['label']}: " if loop_config.get("label") else ""
+    prefix = f"{label}: " if label else ""
     for epoch in range(state.epoch, cfg.train.epochs):
         if fail_once:
             fail_once(epoch + 1)
         metrics = run_epoch(run, state, epoch, binarizer, val_indices)
         if host.rank == 0:
             log(prefix + format_metrics(metrics, cfg.train.epochs))
+        if tracker is not None:
+            tracker.epoch(run, metrics)
         report(run, host, state, metrics)
+    if tracker is not None:
+        tracker.finished(run, state.history[-1])
 
 
 def build_run(cfg: Config, host: RankHost, stream: dict | None) -> RankRun:

@@ -125,6 +125,7 @@ def ray_local():
 
 S3_BUCKET = "raytrain-test"
 S3_START_TIMEOUT_S = 20.0
+MLFLOW_START_TIMEOUT_S = 60.0  # about 6 s on 2 cores: imports, sqlite tables, uvicorn
 # Set elsewhere, these would send requests past the test server or sign them otherwise.
 S3_CLEARED_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
@@ -178,11 +179,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _answers(port: int) -> bool:
-    """Whether an HTTP server answers on the loopback port (moto's own page: no S3 action)."""
+def _answers(port: int, path: str) -> bool:
+    """Whether an HTTP server answers GET path on the loopback port."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
     try:
-        connection.request("GET", "/moto-api/")
+        connection.request("GET", path)
         connection.getresponse().read()
         return True
     except OSError:
@@ -202,36 +203,80 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+@dataclass
+class LocalServer:
+    """A server process the tests started, on a loopback port."""
+
+    url: str
+    process: subprocess.Popen
+
+    def kill(self) -> None:
+        """SIGKILL its whole process group at once: a server that dies mid-run."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
 @contextmanager
-def moto_server(folder: Path, environment: dict[str, str] | None = None) -> Iterator[str]:
-    """`python -m moto.server` on a free loopback port, in its own process group, output in
-    folder/moto-PORT.log; yields its endpoint once it answers (up to S3_START_TIMEOUT_S), and
-    ends it on exit. A start that loses its port to another process is tried again (3 tries)."""
+def local_server(
+    name: str,
+    argv: list[str],
+    folder: Path,
+    probe: str,
+    timeout_s: float,
+    environment: dict[str, str] | None = None,
+) -> Iterator[LocalServer]:
+    """argv (with {port} filled in) on a free loopback port, in its own process group, output
+    in folder/NAME-PORT.log; yields it once GET probe answers (up to timeout_s), and ends it on
+    exit. A start that loses its port to another process is tried again (3 tries)."""
     folder.mkdir(parents=True, exist_ok=True)
     for attempt in range(3):
         port = free_port()
-        log = folder / f"moto-{port}.log"
+        log = folder / f"{name}-{port}.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                [arg.format(port=port) for arg in argv],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(environment or {})},
                 start_new_session=True,
             )
-        deadline = time.monotonic() + S3_START_TIMEOUT_S
-        while process.poll() is None and time.monotonic() < deadline and not _answers(port):
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None and time.monotonic() < deadline and not _answers(port, probe):
             time.sleep(0.1)
-        if process.poll() is None and _answers(port):
+        if process.poll() is None and _answers(port, probe):
             break
         _stop(process)
         if attempt == 2 or time.monotonic() >= deadline:
-            raise RuntimeError(f"moto server did not start:\n{log.read_text()[-2000:]}")
+            raise RuntimeError(f"{name} server did not start:\n{log.read_text()[-2000:]}")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield LocalServer(f"http://127.0.0.1:{port}", process)
     finally:
         _stop(process)
+
+
+@contextmanager
+def moto_server(folder: Path, environment: dict[str, str] | None = None) -> Iterator[str]:
+    """`python -m moto.server` on a free loopback port (moto's own page answers: no S3 action);
+    yields its endpoint."""
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"]
+    with local_server("moto", argv, folder, "/moto-api/", S3_START_TIMEOUT_S, environment) as s:
+        yield s.url
+
+
+@contextmanager
+def mlflow_server(folder: Path) -> Iterator[LocalServer]:
+    """`mlflow server` with a sqlite store and artifacts in folder, on a free loopback port,
+    one worker; yields it once /health answers."""
+    argv = [
+        str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+        "--port", "{port}", "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+        "--artifacts-destination", str(folder / "artifacts"),
+    ]  # fmt: skip
+    with local_server("mlflow", argv, folder, "/health", MLFLOW_START_TIMEOUT_S) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

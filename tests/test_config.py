@@ -16,6 +16,7 @@ from raytrain_vae.config import (
     ModelSection,
     RunSection,
     ScalingSection,
+    TrackingSection,
     TrainSection,
     UserError,
     dump_config,
@@ -30,6 +31,7 @@ SECTIONS = {
     "train": TrainSection,
     "scaling": ScalingSection,
     "run": RunSection,
+    "tracking": TrackingSection,
 }
 
 

@@ -24,6 +24,11 @@ LOWER = {
     "faults",
     "optim",
     "storage",
+    "pictures",
+    "tensorboard_log",
+    "mlflow_runs",
+    "mlflow_sink",
+    "tracking",
 }
 HIGHER = {
     "worker",
@@ -43,6 +48,7 @@ HIGHER = {
     "input_rows",
     "cli",
     "ingest",
+    "search_tracking",
 }
 
 

@@ -36,6 +36,7 @@ from raytrain_vae.config.sections import (
     ScalingSection,
     TrainSection,
 )
+from raytrain_vae.config.tracking import MlflowSection, TrackingSection, shown_uri
 
 __all__ = [
     "CONFIG_MAX_BYTES",
@@ -51,12 +52,14 @@ __all__ = [
     "ConfigError",
     "DataSection",
     "ExportSection",
+    "MlflowSection",
     "ModelSection",
     "RunSection",
     "ScalingSection",
     "SchedulerSection",
     "SearchSection",
     "Section",
+    "TrackingSection",
     "TrainSection",
     "UserError",
     "apply_overrides",
@@ -68,6 +71,7 @@ __all__ = [
     "parse_yaml",
     "read_yaml_mapping",
     "set_dotted",
+    "shown_uri",
     "stream_seed",
     "validate_config",
 ]

@@ -17,6 +17,7 @@ from raytrain_vae.config.sections import (
     ScalingSection,
     TrainSection,
 )
+from raytrain_vae.config.tracking import TrackingSection
 
 
 class Config(Section):
@@ -29,6 +30,7 @@ class Config(Section):
     run: RunSection = Field(default_factory=RunSection)
     search: SearchSection = Field(default_factory=SearchSection)
     export: ExportSection = Field(default_factory=ExportSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")
     def _batch_fits_workers(self) -> Config:
@@ -44,7 +46,16 @@ class Config(Section):
                     f"data.limit={self.data.limit} leaves {n_train} training image(s) after "
                     f"data.val_fraction, fewer than scaling.num_workers={workers}"
                 )
+        if self.tracking.mlflow.register_as and self.tracking.mlflow.uri is None:
+            raise ValueError(
+                "tracking.mlflow.register_as needs a registry: set tracking.mlflow.uri"
+            )
         return self
+
+    @property
+    def tracked(self) -> bool:
+        """Whether anything is tracked (MLflow or TensorBoard)."""
+        return self.tracking.mlflow.uri is not None or self.tracking.tensorboard
 
     def resolved_storage_path(self) -> str:
         """storage_path with ~ expanded and local paths made absolute; URIs unchanged."""

@@ -1,0 +1,187 @@
+"""Tracking without Ray: the config keys, secrets kept out, the MLflow sink against a real
+sqlite store and a dead port, TensorBoard events read back with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+from conftest import S3Server, free_port, tiny_config
+from mlflow import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from raytrain_vae.config import ConfigError, load_config
+from raytrain_vae.mlflow_runs import RunSpec
+from raytrain_vae.mlflow_sink import MlflowSink
+from raytrain_vae.models import build_model
+from raytrain_vae.tensorboard_log import Board
+from raytrain_vae.tracking import KeptValidation, check_tracking, flat_params, run_tags
+
+
+def metrics_of(epoch: int) -> dict[str, float]:
+    return {"epoch": epoch, "val_neg_elbo": 300.0 - epoch, "train_loss": 310.0 - epoch}
+
+
+@pytest.mark.parametrize(
+    ("value", "phrase"),
+    [
+        ("ftp://host/x", "scheme 'ftp'"),
+        ("http://", "no host"),
+        ("sqlite://", "needs a path"),
+        ("'  '", "non-empty"),
+    ],
+)
+def test_bad_tracking_uris_are_refused_with_the_key(value: str, phrase: str):
+    with pytest.raises(ConfigError, match="tracking.mlflow.uri") as err:
+        load_config(None, [f"tracking.mlflow.uri={value}"])
+    assert phrase in str(err.value)
+
+
+def test_register_as_needs_a_registry_and_a_plain_name():
+    with pytest.raises(ConfigError, match="register_as needs a registry"):
+        load_config(None, ["tracking.mlflow.register_as=vae"])
+    with pytest.raises(ConfigError, match="a model name is"):
+        load_config(None, ["tracking.mlflow.uri=sqlite:///x.db", "tracking.mlflow.register_as=a/b"])
+
+
+def test_local_stores_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sqlite = load_config(None, ["tracking.mlflow.uri=sqlite:///mlflow.db"]).tracking.mlflow.uri
+    assert sqlite == f"sqlite:///{tmp_path}/mlflow.db"
+    folder = load_config(None, ["tracking.mlflow.uri=mlruns"]).tracking.mlflow.uri
+    assert folder == (tmp_path / "mlruns").as_uri()
+
+
+def test_a_store_in_a_missing_folder_is_refused_before_ray(tmp_path):
+    cfg = load_config(None, [f"tracking.mlflow.uri=sqlite:///{tmp_path}/nowhere/mlflow.db"])
+    with pytest.raises(ConfigError, match="nowhere does not exist"):
+        check_tracking(cfg)
+    check_tracking(load_config(None, [f"tracking.mlflow.uri=sqlite:///{tmp_path}/m.db"]))
+
+
+def test_no_secret_in_params_or_tags():
+    uri = "https://alice:s3cret@mlflow.example.com:8443/prefix?token=t0ken#frag"
+    cfg = load_config(None, [f"tracking.mlflow.uri={uri}"])
+    params = flat_params(cfg)
+    assert params["tracking.mlflow.uri"] == "https://mlflow.example.com:8443/prefix"
+    assert params["train.lr"] == str(cfg.train.lr)
+    shown = " ".join([*params, *params.values(), *run_tags("127.0.0.1:6379").values()])
+    for secret in ("alice", "s3cret", "t0ken"):
+        assert secret not in shown
+
+
+def open_sink(uri: str, key: str = "runs/a", resume: bool = True, **spec) -> tuple:
+    sink = MlflowSink(uri)
+    run = sink.open_run(RunSpec(experiment="exp", key=key, name="a", resume=resume, **spec))
+    return sink, run
+
+
+def test_a_dead_server_never_holds_the_caller_up(capfd):
+    sink, run = open_sink(f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    for epoch in range(1, 51):
+        run.log_metrics(metrics_of(epoch), epoch)
+    run.finish()
+    assert time.monotonic() - started < 1.0  # queued, not sent: microseconds per call
+    left = sink.close(timeout_s=2.0)
+    assert left[0] == ("a", "start") and left[-1] == ("a", "status FINISHED")
+    err = capfd.readouterr().err.splitlines()
+    assert len([line for line in err if "failed (" in line]) == 1, err  # one warning, not 50
+    assert any(
+        "not sent after 2 s: a: start, metrics of epochs 1-50, status FINISHED (" in line
+        for line in err
+    ), err
+
+
+def test_a_run_round_trips_and_resumes_by_key(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.yaml").write_text("x: 1\n")
+    sink, run = open_sink(uri, params={"train.lr": "0.001"}, tags={"k": "v"})
+    for epoch in (1, 2):
+        run.log_metrics(metrics_of(epoch), epoch)
+    run.log_artifacts(model_dir, "model")
+    run.finish()
+    assert sink.close(timeout_s=60) == []
+    again_sink, again = open_sink(uri)  # resumed: the same run goes on
+    again.log_metrics(metrics_of(3), 3)
+    fresh_sink, fresh = open_sink(uri, resume=False)  # a new run under the same key
+    fresh.finish()
+    assert again_sink.close(60) == [] and fresh_sink.close(60) == []
+
+    client = MlflowClient(uri)
+    assert again.run_id == run.run_id != fresh.run_id
+    got = client.get_run(run.run_id)
+    assert got.data.params == {"train.lr": "0.001"} and got.data.tags["k"] == "v"
+    history = client.get_metric_history(run.run_id, "val_neg_elbo")
+    assert [(m.step, m.value) for m in history] == [(1, 299.0), (2, 298.0), (3, 297.0)]
+    assert [a.path for a in client.list_artifacts(run.run_id, "model")] == ["model/config.yaml"]
+    artifacts = Path(client.get_experiment(got.info.experiment_id).artifact_location[7:])
+    assert artifacts == tmp_path / "mlartifacts"  # beside the store, not in a worker's cwd
+
+
+def test_a_refused_call_is_dropped_and_the_rest_still_sent(tmp_path, capfd):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sink, run = open_sink(uri)
+    run.log_metrics({"x" * 300: 1.0}, 1)  # MLflow refuses keys over 250 characters
+    run.log_metrics(metrics_of(2), 2)
+    run.finish()
+    assert sink.close(timeout_s=60) == []
+    assert (
+        "refused metrics of epoch 1 of run a: 'Metric name' exceeds"
+        in capfd.readouterr().err.replace("\n", " ")
+    )
+    got = MlflowClient(uri).get_run(run.run_id)
+    assert got.info.status == "FINISHED" and got.data.metrics["val_neg_elbo"] == 298.0
+
+
+def read_events(folder: Path) -> EventAccumulator:
+    (events,) = folder.glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_tensorboard_events_read_back(tmp_path):
+    cfg = tiny_config()
+    model = build_model(cfg.model, (1, 28, 28))
+    board = Board(str(tmp_path / "tb"))
+    for epoch in (1, 2):
+        board.epoch(metrics_of(epoch), model, torch.rand(8, 1, 28, 28))
+    board.close()
+    events = read_events(tmp_path / "tb")
+    assert [(s.step, s.value) for s in events.Scalars("val_neg_elbo")] == [(1, 299.0), (2, 298.0)]
+    assert "epoch" not in events.Tags()["scalars"]
+    for tag in ("samples", "reconstructions"):
+        images = events.Images(tag)
+        assert [i.step for i in images] == [1, 2]
+        assert images[0].encoded_image_string.startswith(b"\x89PNG")
+    assert events.Tags()["graph"]
+    assert model.training  # the pictures leave the model in the mode they found it
+
+
+def test_tensorboard_events_reach_a_uri(s3_server: S3Server):
+    model = build_model(tiny_config().model, (3, 32, 32))
+    board = Board(s3_server.url("tb-run/tensorboard"))
+    board.epoch(metrics_of(1), model, None)  # no images at hand: samples only
+    board.close()
+    found = s3_server.filesystem().get_file_info(
+        pafs.FileSelector(f"{s3_server.bucket}/tb-run/tensorboard")
+    )
+    assert [Path(f.path).name.startswith("events.out.tfevents.") for f in found] == [True]
+
+
+def test_a_stream_keeps_its_first_validation_images():
+    class Stream:
+        n_train = 10
+
+        def val_batches(self, batch_size):
+            yield from torch.arange(2 * 5 * 4).view(2, 5, 1, 2, 2).to(torch.uint8)
+
+    kept = KeptValidation(Stream(), keep=3)
+    assert len(list(kept.val_batches(5))) == 2 and kept.n_train == 10
+    assert torch.equal(kept.kept, torch.arange(12).view(3, 1, 2, 2).to(torch.uint8))
