@@ -4,30 +4,60 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable
 
-from raytrain_vae.config import Config, UserError, load_config
+from raytrain_vae.config import UserError
 
 
-def config_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
-    """An argparse parser taking a YAML config path and any number of overrides."""
-    parser = argparse.ArgumentParser(prog=prog, description=(description or "").strip() or None)
-    parser.add_argument("config", help="YAML config file (see configs/ and the README)")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the examples' line breaks and shows every flag's default (none when a
+    flag has no default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+CONFIG_HELP = """config sections (every key, its default and meaning: raytrain-vae config --schema):
+  data      where images come from and how they are read (source, path, size, splits, ingest)
+  model     the VAE (type, channels, latent_dim, likelihood, ...)
+  train     the optimisation (epochs, batch_size, lr, beta, KL warm-up, free bits, seed)
+  scaling   Ray Train workers (num_workers, use_gpu, cpus/gpus per worker)
+  run       run name, storage_path (local or s3://), checkpoints kept, retries
+  search    the search (metric, num_samples, algorithm, ASHA, space); tune only
+  export    where and what the best model is exported; tune only
+  tracking  MLflow (uri, experiment, register_as) and TensorBoard"""
+
+
+def config_parser(
+    prog: str, description: str | None, examples: str = "", config_optional: bool = False
+) -> argparse.ArgumentParser:
+    """An argparse parser taking a YAML config (path or shipped name; optional: the defaults)
+    and any number of overrides; --help lists the config sections and the examples."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(description or "").strip() or None,
+        epilog=f"{CONFIG_HELP}\n\n{examples}".strip(),
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "config",
+        nargs="?" if config_optional else None,
+        help="YAML config file, or the name of a shipped one (quickstart, vae, search, cifar10, "
+        "image_folder, ...)",
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
         metavar="key.sub=value",
-        help="override a config value, e.g. train.lr=3e-4",
+        help="override a config value, e.g. train.lr=3e-4 model.channels=[32,64] "
+        "data.path=s3://bucket/images",
     )
     return parser
-
-
-def config_from_args(argv: list[str] | None, prog: str, description: str | None = None) -> Config:
-    """Parse argv into a validated Config (raises ConfigError on bad input)."""
-    args = config_parser(prog, description).parse_args(argv)
-    return load_config(args.config, args.overrides)
 
 
 MAX_LINE = 300
@@ -90,6 +120,9 @@ def run_cli(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `... | head` stopped reading: not an error worth a line
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         expected = expected_error(exc)
         if expected is None:

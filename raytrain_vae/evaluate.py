@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from raytrain_vae.cli import check_flag, run_cli
+from raytrain_vae.cli import HelpFormatter, check_flag, run_cli
 from raytrain_vae.config import SEED_LIMIT, UserError
 from raytrain_vae.data import split_images, to_model_input
 from raytrain_vae.model_io import load_model_dir
@@ -65,15 +65,31 @@ def evaluate(
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raytrain_vae.evaluate", description=__doc__)
+EXAMPLES = """examples:
+  raytrain-vae evaluate --model exports/quickstart --k 100 --limit 1000
+  raytrain-vae evaluate --model exports/quickstart --output metrics.json"""
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m raytrain_vae.evaluate",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="exported model directory")
-    parser.add_argument("--split", choices=["test", "val"], default="test")
+    parser.add_argument(
+        "--split", choices=["test", "val"], default="test", help="the model's data split"
+    )
     parser.add_argument("--k", type=int, default=1000, help="IWAE samples per image (0 = skip)")
-    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=100, help="images per model call")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the importance samples")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (cpu, cuda, cuda:1)",
+    )
     parser.add_argument("--output", help="also write the metrics here as JSON")
     args = parser.parse_args(argv)
     check_args(args)

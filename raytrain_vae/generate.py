@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raytrain_vae.batch_actors import Encoder, Sampler, input_dataset, split_dataset
-from raytrain_vae.cli import check_flag, run_cli
+from raytrain_vae.cli import HelpFormatter, check_flag, run_cli
 from raytrain_vae.config import SEED_LIMIT, UserError
 from raytrain_vae.input_rows import read_input_unit
 from raytrain_vae.inputs import input_units, read_inputs
@@ -101,7 +101,8 @@ def _write_job(dataset_fn, actor: type, kwargs: dict, out: Path, options: JobOpt
             fn_constructor_kwargs=kwargs,
             batch_size=options.batch_size,
             batch_format=batch_format,
-            concurrency=options.concurrency,
+            # Ray 2.51 deprecated map_batches(concurrency=...) for a compute strategy.
+            compute=ray.data.ActorPoolStrategy(size=options.concurrency),
             num_cpus=cpus,
             **({"num_gpus": options.num_gpus} if options.num_gpus else {}),
         ).write_parquet(str(tmp))
@@ -193,11 +194,19 @@ def encode_images(
     return _write_job(dataset_fn, Encoder, kwargs, out, options, batch_format="pyarrow")
 
 
+EXAMPLES = """examples:
+  raytrain-vae generate sample --model exports/quickstart --num-samples 200000 --output samples
+  raytrain-vae generate reconstruct --model exports/quickstart --output recon --split test
+  raytrain-vae generate encode --model exports/quickstart --input s3://bucket/images --output z"""
+
+
 def _job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="exported model directory")
     parser.add_argument("--output", required=True, help="output directory of Parquet shards")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the same seed gives the same rows, at any scale"
+    )
+    parser.add_argument("--batch-size", type=int, default=1024, help="rows per model call")
     parser.add_argument("--concurrency", type=int, default=1, help="model-holding actors")
     parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per actor")
     parser.add_argument(
@@ -213,28 +222,43 @@ def _job_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The generate CLI: sample, reconstruct, encode."""
-    parser = argparse.ArgumentParser(prog="python -m raytrain_vae.generate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m raytrain_vae.generate",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("sample", help="generate new images from z ~ N(0, T^2 I)")
+    s = sub.add_parser(
+        "sample",
+        help="generate new images from z ~ N(0, T^2 I)",
+        description="New images from z ~ N(0, T^2 I): id, latent, image (PNG bytes), [pixels].",
+        formatter_class=HelpFormatter,
+    )
     _job_args(s)
-    s.add_argument("--num-samples", type=int, required=True)
-    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--num-samples", type=int, required=True, help="rows to write")
+    s.add_argument("--temperature", type=float, default=1.0, help="T: z ~ N(0, T^2 I)")
     s.add_argument("--pixels", action="store_true", help="also store uint8 pixels")
     for name, text in (
         ("reconstruct", "encode and decode images; score each"),
         ("encode", "latents only (embeddings)"),
     ):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
         _job_args(p)
-        p.add_argument("--split", choices=["test", "val", "train"], default="test")
+        p.add_argument(
+            "--split",
+            choices=["test", "val", "train"],
+            default="test",
+            help="the model's own data split (when no --input)",
+        )
         p.add_argument("--input", help="Parquet file/dir (image or pixels column) or PNG folder")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     start = time.perf_counter()
     common = {
         "seed": args.seed,

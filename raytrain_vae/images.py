@@ -10,7 +10,7 @@ import torch
 from torchvision.utils import save_image
 
 from raytrain_vae import pictures
-from raytrain_vae.cli import check_flag, run_cli
+from raytrain_vae.cli import HelpFormatter, check_flag, run_cli
 from raytrain_vae.config import SEED_LIMIT
 from raytrain_vae.data import split_images, to_model_input
 from raytrain_vae.model_io import load_model_dir
@@ -64,17 +64,26 @@ def latent_map(model: VAE, path: str | Path, size: int = 20, span: float = 2.5) 
     save_grid(model.mean_image(model.decode(z)), path, nrow=size)
 
 
-def main(argv: list[str] | None = None) -> int:
+EXAMPLES = """example:
+  raytrain-vae images --model exports/quickstart --output pictures"""
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """python -m raytrain_vae.images --model DIR --output DIR: every picture of a model."""
-    parser = argparse.ArgumentParser(prog="python -m raytrain_vae.images", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m raytrain_vae.images",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="exported model directory")
     parser.add_argument(
         "--output",
         required=True,
         help="folder for the PNGs: new, empty, or an earlier output of this command (replaced)",
     )
-    parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=int, default=64, help="images in samples.png")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled z")
     args = parser.parse_args(argv)
     check_flag("--num-samples", args.num_samples, 1, MAX_GRID)
     check_flag("--seed", args.seed, 0, SEED_LIMIT - 1)
@@ -98,5 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point: user errors -> one line on stderr, exit status 2."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

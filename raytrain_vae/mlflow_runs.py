@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 KEY_TAG = "raytrain_vae.run_key"  # finds the run again when a training or search resumes
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under its parent
+KIND_TAG = "mlflow.experimentKind"  # the UI opens on training runs, not on GenAI traces
 PARAM_LIMIT = 6000  # MLflow refuses longer parameter values
 
 
@@ -70,7 +71,11 @@ def experiment_id_of(client: Any, name: str, uri: str) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=local_artifact_root(uri))
+        return client.create_experiment(
+            name,
+            artifact_location=local_artifact_root(uri),
+            tags={KIND_TAG: "custom_model_development"},
+        )
     except MlflowException:  # created meanwhile by another process
         found = client.get_experiment_by_name(name)
         if found is None:

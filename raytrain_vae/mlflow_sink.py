@@ -153,20 +153,28 @@ class RunHandle:
         self.sink, self.spec = sink, spec
         self.run_id: str | None = None
 
+    # MLflow is imported by the sending thread only: the caller never waits for its import.
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.sink.queue(
-            self, f"metrics of epoch {step}", lambda c, r: c.log_batch(r, metrics=items)
-        )
+        values = {k: float(v) for k, v in metrics.items()}
+
+        def send(client: Any, run_id: str) -> None:
+            from mlflow.entities import Metric
+
+            items = [Metric(k, v, now, step) for k, v in values.items()]
+            client.log_batch(run_id, metrics=items)
+
+        self.sink.queue(self, f"metrics of epoch {step}", send)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
+        values = {k: str(v)[:PARAM_LIMIT] for k, v in tags.items()}
 
-        items = [RunTag(k, str(v)[:PARAM_LIMIT]) for k, v in tags.items()]
-        self.sink.queue(self, "tags", lambda c, r: c.log_batch(r, tags=items))
+        def send(client: Any, run_id: str) -> None:
+            from mlflow.entities import RunTag
+
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in values.items()])
+
+        self.sink.queue(self, "tags", send)
 
     def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
         """Send a copy of folder (the caller may delete it at once) under artifact_path."""

@@ -19,8 +19,8 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from raytrain_vae.checkpoint import check_resumable, read_state
-from raytrain_vae.cli import config_from_args, run_cli
-from raytrain_vae.config import Config, ConfigError, UserError
+from raytrain_vae.cli import config_parser, run_cli
+from raytrain_vae.config import Config, ConfigError, UserError, load_config
 from raytrain_vae.data import (
     check_split_fits,
     decoded_bytes,
@@ -37,6 +37,13 @@ from raytrain_vae.tracking import check_tracking, run_tags, tracking_spec
 from raytrain_vae.worker import train_loop_per_worker
 
 CONTROLLER_RETRIES = 2
+DESCRIPTION = """Train one VAE with Ray Train (PyTorch DDP over scaling.num_workers workers) from a
+config. Re-running the same run.name resumes it from its last checkpoint. Every loss is the
+negative ELBO per image in nats."""
+EXAMPLES = """examples:
+  raytrain-vae train vae
+  raytrain-vae train configs/vae.yaml scaling.num_workers=4 train.epochs=20
+  raytrain-vae train cifar10 run.storage_path=s3://bucket/runs tracking.tensorboard=true"""
 
 
 def history_of(result: Result) -> list[dict]:
@@ -214,8 +221,10 @@ def run_tracking(cfg: Config) -> dict | None:
     return tracking_spec(cfg, folder, tags, f"{folder}/tensorboard", mlflow=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_args(argv, prog="python -m raytrain_vae.train", description=__doc__)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = config_parser(prog or "python -m raytrain_vae.train", DESCRIPTION, EXAMPLES)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
     result = fit(cfg)
     if result.checkpoint is None:
         print(f"run {cfg.run.name!r} reported no checkpoint", file=sys.stderr)

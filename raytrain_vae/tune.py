@@ -45,6 +45,18 @@ from raytrain_vae.trial import (
     trial_trainable,
 )
 
+DESCRIPTION = """Search a VAE's hyperparameters with Ray Tune + Optuna (ASHA early stopping) over
+the config's search.space, write the trial summary, and export the best model. Trials are
+compared on the beta = 1 negative ELBO (nats per image)."""
+EXAMPLES = """search space (search.space: dotted config key -> distribution):
+  model.latent_dim: {choice: [8, 16, 32]}     train.lr: {loguniform: [1.0e-4, 3.0e-3]}
+  train.beta: {uniform: [0.5, 2.0]}           model.hidden_dim: {randint: [64, 512]}
+  also {quniform: [lo, hi, q]} and {qloguniform: [lo, hi, q]}
+
+examples:
+  raytrain-vae tune quickstart
+  raytrain-vae tune configs/search.yaml search.num_samples=50 search.max_concurrent_trials=4
+  raytrain-vae tune quickstart --resume            # continue an interrupted search"""
 SUMMARY_FILE = "summary"
 PARETO_FILE = "pareto"
 
@@ -234,20 +246,25 @@ def report_tracking(
     cfg: Config, params: list[Param], best: pd.Series, export: Path, written: list[str]
 ) -> None:
     """The search's end in MLflow: best trial, export, files, registered version."""
-    tracker = SearchTracker.active or SearchTracker(
-        cfg, params, experiment_path(cfg), run_tags(ray.get_runtime_context().gcs_address)
-    )
+    path = experiment_path(cfg)
+    tracker, SearchTracker.active = SearchTracker.active, None
+    if tracker is None or tracker.path != path:  # a resumed search that was not tracked before
+        tracker = SearchTracker(cfg, params, path, run_tags(ray.get_runtime_context().gcs_address))
     files = [Path(f) for f in written if not is_uri(f) and f.endswith((".csv", ".png"))]
     version = tracker.finish_search(best, export, files)
-    where = f"MLflow: search run {tracker.parent().run_id} in experiment {tracker.experiment}"
+    run_id = tracker.parent().run_id
+    if run_id is None:
+        print(f"MLflow: the search was not recorded ({shown_uri(cfg.tracking.mlflow.uri)} failed)")
+        return
+    where = f"MLflow: search run {run_id} in experiment {tracker.experiment}"
     registered = cfg.tracking.mlflow.register_as
     if registered:
         where += f"; registered as {registered} version {version or '(not sent)'}"
     print(f"{where} ({shown_uri(cfg.tracking.mlflow.uri)})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = config_parser("python -m raytrain_vae.tune", __doc__)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = config_parser(prog or "python -m raytrain_vae.tune", DESCRIPTION, EXAMPLES)
     parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted search of the same run.name"
     )

@@ -49,6 +49,8 @@ HIGHER = {
     "cli",
     "ingest",
     "search_tracking",
+    "commands",
+    "__main__",
 }
 
 

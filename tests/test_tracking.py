@@ -3,9 +3,11 @@ sqlite store and a dead port, TensorBoard events read back with TensorBoard's ow
 
 from __future__ import annotations
 
+import pickle
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 import torch
@@ -13,10 +15,12 @@ from conftest import S3Server, free_port, tiny_config
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from raytrain_vae.config import ConfigError, load_config
+from raytrain_vae.config import ConfigError, load_config, shown_uri
 from raytrain_vae.mlflow_runs import RunSpec
 from raytrain_vae.mlflow_sink import MlflowSink
 from raytrain_vae.models import build_model
+from raytrain_vae.search_space import parse_space
+from raytrain_vae.search_tracking import SearchTracker
 from raytrain_vae.tensorboard_log import Board
 from raytrain_vae.tracking import KeptValidation, check_tracking, flat_params, run_tags
 
@@ -62,15 +66,23 @@ def test_a_store_in_a_missing_folder_is_refused_before_ray(tmp_path):
     check_tracking(load_config(None, [f"tracking.mlflow.uri=sqlite:///{tmp_path}/m.db"]))
 
 
-def test_no_secret_in_params_or_tags():
+def test_credentials_in_the_uri_are_refused_and_never_shown():
     uri = "https://alice:s3cret@mlflow.example.com:8443/prefix?token=t0ken#frag"
-    cfg = load_config(None, [f"tracking.mlflow.uri={uri}"])
-    params = flat_params(cfg)
-    assert params["tracking.mlflow.uri"] == "https://mlflow.example.com:8443/prefix"
-    assert params["train.lr"] == str(cfg.train.lr)
-    shown = " ".join([*params, *params.values(), *run_tags("127.0.0.1:6379").values()])
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"tracking.mlflow.uri={uri}"])
+    assert "MLFLOW_TRACKING_TOKEN" in str(err.value)
     for secret in ("alice", "s3cret", "t0ken"):
-        assert secret not in shown
+        assert secret not in str(err.value)
+    assert shown_uri(uri) == "https://mlflow.example.com:8443/prefix"
+
+
+def test_params_are_the_flattened_config_and_tags_hold_no_secret(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0ken")
+    cfg = load_config(None, ["tracking.mlflow.uri=https://mlflow.example.com"])
+    params = flat_params(cfg)
+    assert params["train.lr"] == str(cfg.train.lr) and params["model.channels"] == "[32, 64]"
+    assert params["tracking.mlflow.uri"] == "https://mlflow.example.com"
+    assert "t0ken" not in " ".join([*params.values(), *run_tags("127.0.0.1:6379").values()])
 
 
 def open_sink(uri: str, key: str = "runs/a", resume: bool = True, **spec) -> tuple:
@@ -109,9 +121,10 @@ def test_a_run_round_trips_and_resumes_by_key(tmp_path):
     assert sink.close(timeout_s=60) == []
     again_sink, again = open_sink(uri)  # resumed: the same run goes on
     again.log_metrics(metrics_of(3), 3)
+    assert again_sink.close(60) == []
     fresh_sink, fresh = open_sink(uri, resume=False)  # a new run under the same key
     fresh.finish()
-    assert again_sink.close(60) == [] and fresh_sink.close(60) == []
+    assert fresh_sink.close(60) == []
 
     client = MlflowClient(uri)
     assert again.run_id == run.run_id != fresh.run_id
@@ -185,3 +198,67 @@ def test_a_stream_keeps_its_first_validation_images():
     kept = KeptValidation(Stream(), keep=3)
     assert len(list(kept.val_batches(5))) == 2 and kept.n_train == 10
     assert torch.equal(kept.kept, torch.arange(12).view(3, 1, 2, 2).to(torch.uint8))
+
+
+class FakeTrial:
+    """What the search tracker reads of a Tune trial."""
+
+    def __init__(self, trial_id: str, lr: float, error: Exception | None = None) -> None:
+        self.trial_id, self.config, self.error = trial_id, {"train.lr": lr}, error
+
+    def get_error(self) -> Exception | None:
+        return self.error
+
+
+def test_a_search_tracker_nests_trials_and_keeps_its_place_when_resumed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(
+        None,
+        [f"tracking.mlflow.uri={uri}", "train.epochs=3", "search.num_samples=3",
+         "search.space={train.lr: {loguniform: [0.0001, 0.01]}}"],
+    )  # fmt: skip
+    tracker = SearchTracker(cfg, parse_space(cfg), str(tmp_path / "exp"), {"ray.address": "x"})
+    tracker.setup()
+    done, stopped = FakeTrial("a", 0.001), FakeTrial("b", 0.002)
+    failed = FakeTrial("c", 0.003, RuntimeError("worker died\nTraceback ..."))
+    for trial in (done, stopped, failed):
+        tracker.on_trial_start(0, [], trial)
+    for epoch in (1, 2, 3):
+        tracker.on_trial_result(0, [], done, {"epoch": epoch, "val_neg_elbo": 300.0 - epoch})
+    tracker.on_trial_result(0, [], stopped, {"epoch": 1, "val_neg_elbo": 400.0, "trial_id": "b"})
+    tracker.on_trial_complete(0, [], stopped)
+    tracker.on_trial_error(0, [], failed)
+
+    # Tune pickles the callback with the experiment and restores its state on resume.
+    resumed = pickle.loads(pickle.dumps(tracker))
+    resumed.set_state(tracker.get_state())
+    for epoch in (1, 2, 3):  # a restored trial reports its epochs again
+        resumed.on_trial_result(0, [], done, {"epoch": epoch, "val_neg_elbo": 300.0 - epoch})
+    resumed.on_trial_complete(0, [], done)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.yaml").write_text("x: 1\n")
+    front = [tmp_path / "pareto.csv", tmp_path / "pareto.png"]
+    for file in front:
+        file.write_bytes(b"front")
+    tracker._sink.close(60)
+    best = pd.Series({"trial_id": "a", "best_val_neg_elbo": 297.0})
+    assert resumed.finish_search(best, export, front) is None  # no register_as
+
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs(["1"])}
+    assert set(runs) == {"vae", "trial_a", "trial_b", "trial_c"}
+    parent = runs.pop("vae")
+    assert parent.data.tags["best_trial_id"] == "a" and parent.info.status == "FINISHED"
+    assert parent.data.metrics == {"best_val_neg_elbo": 297.0}
+    assert parent.data.params["search.space.train.lr.loguniform"] == "[0.0001, 0.01]"
+    listed = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    assert listed == {"search/pareto.csv", "search/pareto.png"}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs.values())
+    assert runs["trial_a"].data.params == {"train.lr": "0.001"}
+    history = client.get_metric_history(runs["trial_a"].info.run_id, "val_neg_elbo")
+    assert [m.step for m in history] == [1, 2, 3]  # not six: the resumed reports were skipped
+    assert runs["trial_a"].info.status == "FINISHED"
+    assert runs["trial_b"].data.tags["stopped_early"] == "true"
+    assert runs["trial_c"].info.status == "FAILED"
+    assert runs["trial_c"].data.tags["failure_reason"] == "worker died"

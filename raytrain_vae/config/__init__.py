@@ -22,7 +22,13 @@ from raytrain_vae.config.loading import (
     read_yaml_mapping,
     set_dotted,
 )
-from raytrain_vae.config.schema import Config, dump_config, is_config_key, validate_config
+from raytrain_vae.config.schema import (
+    Config,
+    config_keys,
+    dump_config,
+    is_config_key,
+    validate_config,
+)
 from raytrain_vae.config.search import (
     REPORTED_METRICS,
     AlgorithmSection,
@@ -63,6 +69,7 @@ __all__ = [
     "TrainSection",
     "UserError",
     "apply_overrides",
+    "config_keys",
     "dump_config",
     "is_config_key",
     "is_uri",

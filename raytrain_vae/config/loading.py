@@ -118,8 +118,32 @@ def _check_size(value: Any, source: str) -> None:
             stack.extend((child, depth + 1) for child in node)
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped in the package (configs/*.yaml), by name: quickstart, vae, ..."""
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def config_path(name: str | Path) -> Path:
+    """A config file: the path given, or, for a bare name that is no file here (`quickstart`),
+    the shipped config of that name."""
+    path = Path(name)
+    shipped = shipped_configs()
+    if not path.exists() and str(name) in shipped:
+        return shipped[str(name)]
+    if not path.exists() and path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
+        raise ConfigError(
+            f"{short(str(name))}: no such config file, and no shipped config of that name "
+            f"(shipped: {', '.join(shipped)})"
+        )
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (None = all defaults) and apply key.sub=value overrides."""
+    """Load a YAML config (a path, or the name of a shipped one; None = all defaults) and apply
+    key.sub=value overrides."""
+    if path is not None:
+        path = config_path(path)
     raw = read_yaml_mapping(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     source = str(path) if path is not None else "defaults"

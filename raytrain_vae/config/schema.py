@@ -109,6 +109,20 @@ def is_config_key(path: list[str]) -> bool:
     return True
 
 
+def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every leaf key as (dotted key, default as YAML, description), in the schema's order."""
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += config_keys(annotation, f"{prefix}{name}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...")
+        rows.append((prefix + name, shown.strip(), field.description or ""))
+    return rows
+
+
 def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
     """Validate a raw mapping; errors name the source, the dotted key and the reason."""
     try:

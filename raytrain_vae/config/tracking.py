@@ -35,6 +35,12 @@ def check_mlflow_uri(uri: str) -> str:
             raise ValueError(f"bad port in {shown_uri(uri)}") from None
         if not parts.hostname or (port is not None and not 0 < port < 65536):
             raise ValueError(f"no host in {shown_uri(uri)}")
+        if parts.username or parts.password or parts.query:
+            # The config is saved with every checkpoint and export: no secret belongs in it.
+            raise ValueError(
+                f"{shown_uri(uri)}: put credentials in MLFLOW_TRACKING_TOKEN or "
+                "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD, not in the URI"
+            )
     elif not parts.path or parts.path == "/":
         raise ValueError(f"{parts.scheme}: needs a path, as in {parts.scheme}:///mlflow.db")
     return uri
