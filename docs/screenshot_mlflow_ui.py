@@ -43,7 +43,7 @@ def main() -> None:
     url = f"{args.server}/#/experiments/{experiment_id(args.server, args.experiment)}/runs"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1600, "height": 420})
+        page = browser.new_page(viewport={"width": 1600, "height": 460})
         page.goto(url)
         page.wait_for_selector("text=Run Name", timeout=30_000)
         page.get_by_role("button", name="Close").last.click()  # the assistant side panel
