@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
-from raytrain_vae.cli import HelpFormatter, check_flag, run_cli
+from raytrain_vae.cli import HelpFormatter, Progress, check_flag, run_cli
 from raytrain_vae.config import SEED_LIMIT, UserError
 from raytrain_vae.data import split_images, to_model_input
 from raytrain_vae.model_io import load_model_dir
@@ -32,8 +33,10 @@ def evaluate(
     batch_size: int = 100,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Metrics per image in nats over uint8 images (N, C, H, W); k = 0 skips the IWAE bound."""
+    """Metrics per image in nats over uint8 images (N, C, H, W); k = 0 skips the IWAE bound.
+    progress, if given, hears the number of images scored after each batch."""
     torch.manual_seed(seed)
     model = model.to(device).eval()
     sums = {"recon": 0.0, "kl": 0.0, "iwae": 0.0, "mse": 0.0}
@@ -45,6 +48,8 @@ def evaluate(
         sums["mse"] += (model.reconstruct(x) - x).pow(2).flatten(1).mean(1).sum().item()
         if k:
             sums["iwae"] += iwae_nll(model, x, k).sum().item()
+        if progress is not None:
+            progress(start + len(x))
     n, dims = len(images), model.num_pixels
     neg_elbo = (sums["recon"] + sums["kl"]) / n
     metrics = {
@@ -106,7 +111,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         retain_freed_memory()
     images, _ = split_images(cfg.data, args.split, args.limit)
     start = time.perf_counter()
-    metrics = evaluate(model, images, args.k, args.batch_size, args.seed, device)
+    progress = Progress("evaluate", len(images), "images scored")
+    metrics = evaluate(model, images, args.k, args.batch_size, args.seed, device, progress)
     metrics |= {
         "split": args.split,
         "dataset": cfg.data.path or cfg.data.source,

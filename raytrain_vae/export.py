@@ -15,6 +15,7 @@ from raytrain_vae.likelihoods import likelihood_for
 from raytrain_vae.model_io import METRICS_FILE, load_model_dir, save_model_dir
 from raytrain_vae.models import VAE
 from raytrain_vae.outputs import check_output_dir, staged_dir
+from raytrain_vae.pictures import input_label, picture_title
 
 SAMPLES_PNG = "samples.png"
 RECONSTRUCTIONS_PNG = "reconstructions.png"
@@ -88,8 +89,11 @@ def export_model(
     metrics.update(extra_metrics or {})
     with staged_dir(export_dir, "export.dir", EXPORT_KIND) as tmp:
         save_model_dir(model, cfg, tmp, metrics)
-        sample_grid(model, tmp / SAMPLES_PNG, n=cfg.export.num_samples)
+        title = picture_title(cfg, metrics, "samples")
+        sample_grid(model, tmp / SAMPLES_PNG, n=cfg.export.num_samples, title=title)
         test, _ = split_images(cfg.data, "test", cfg.export.num_reconstructions)
-        reconstruction_grid(model, to_model_input(test, False), tmp / RECONSTRUCTIONS_PNG)
+        title = picture_title(cfg, metrics, "test reconstructions")
+        inputs = to_model_input(test, False)
+        reconstruction_grid(model, inputs, tmp / RECONSTRUCTIONS_PNG, title, input_label(cfg))
         (tmp / CARD_FILE).write_text(_model_card(cfg, metrics, model.image_shape))
     return export_dir

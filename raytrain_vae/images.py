@@ -3,38 +3,51 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 from raytrain_vae import pictures
 from raytrain_vae.cli import HelpFormatter, check_flag, run_cli
 from raytrain_vae.config import SEED_LIMIT
 from raytrain_vae.data import split_images, to_model_input
-from raytrain_vae.model_io import load_model_dir
+from raytrain_vae.model_io import METRICS_FILE, load_model_dir
 from raytrain_vae.models import VAE
 from raytrain_vae.outputs import check_output_dir, staged_dir
-from raytrain_vae.pictures import grid, sample_images
+from raytrain_vae.pictures import grid, input_label, picture_title, sample_images, titled
 
 OUTPUT_KIND = "images"
 MAX_GRID = 10_000  # images in one PNG grid
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
-    """Save (N, C, H, W) images in [0, 1] as one PNG grid, nrow images per row."""
-    save_image(grid(images, nrow), path)
+def save_grid(
+    images: torch.Tensor,
+    path: str | Path,
+    nrow: int | None = None,
+    title: str = "",
+    row_labels: list[str] | None = None,
+) -> None:
+    """Save (N, C, H, W) images in [0, 1] as one titled PNG grid, nrow images per row."""
+    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
+    rows = math.ceil(len(images) / nrow)
+    titled(grid(images, nrow), title, row_labels, rows).save(path)
 
 
-def sample_grid(model: VAE, path: str | Path, n: int = 64, seed: int = 0) -> None:
+def sample_grid(model: VAE, path: str | Path, n: int = 64, seed: int = 0, title: str = "") -> None:
     """A grid of n new images E[x|z], z ~ N(0, I), reproducible by seed."""
-    save_grid(sample_images(model, n, seed), path)
+    save_grid(sample_images(model, n, seed), path, title=title or "samples")
 
 
-def reconstruction_grid(model: VAE, images: torch.Tensor, path: str | Path) -> None:
-    """Inputs (float in [0, 1]) on the upper row(s), their reconstructions right below."""
-    save_image(pictures.reconstruction_grid(model, images), path)
+def reconstruction_grid(
+    model: VAE, images: torch.Tensor, path: str | Path, title: str = "", inputs: str = "input"
+) -> None:
+    """Inputs (float in [0, 1]) on the rows labelled `inputs`, their reconstructions below."""
+    rows = 2 * math.ceil(len(images) / 16)
+    picture = pictures.reconstruction_grid(model, images)
+    titled(picture, title or "reconstructions", [inputs, "reconstruction"], rows).save(path)
 
 
 @torch.no_grad()
@@ -50,7 +63,7 @@ def interpolation_grid(
         mu, _ = model.encode(torch.stack([a, b]))
         t = torch.linspace(0, 1, steps, device=mu.device)[:, None]
         rows.append(model.mean_image(model.decode((1 - t) * mu[0] + t * mu[1])))
-    save_grid(torch.cat(rows), path, nrow=steps)
+    save_grid(torch.cat(rows), path, nrow=steps, title="interpolations between test images")
 
 
 @torch.no_grad()
@@ -61,7 +74,8 @@ def latent_map(model: VAE, path: str | Path, size: int = 20, span: float = 2.5) 
     axis = torch.linspace(-span, span, size, device=next(model.parameters()).device)
     ys, xs = torch.meshgrid(axis.flip(0), axis, indexing="ij")  # y grows upwards
     z = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
-    save_grid(model.mean_image(model.decode(z)), path, nrow=size)
+    title = f"latent map: decodes of z over [-{span:g}, {span:g}]^2"
+    save_grid(model.mean_image(model.decode(z)), path, nrow=size, title=title)
 
 
 EXAMPLES = """example:
@@ -89,10 +103,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     check_flag("--seed", args.seed, 0, SEED_LIMIT - 1)
     out = check_output_dir(args.output, "--output", OUTPUT_KIND)
     model, cfg = load_model_dir(args.model)
+    metrics = read_metrics(Path(args.model))
     test = to_model_input(split_images(cfg.data, "test", 32)[0], False)
     written = {
-        "samples.png": lambda p: sample_grid(model, p, args.num_samples, args.seed),
-        "reconstructions.png": lambda p: reconstruction_grid(model, test[:16], p),
+        "samples.png": lambda p: sample_grid(
+            model, p, args.num_samples, args.seed, picture_title(cfg, metrics, "samples")
+        ),
+        "reconstructions.png": lambda p: reconstruction_grid(
+            model,
+            test[:16],
+            p,
+            picture_title(cfg, metrics, "test reconstructions"),
+            input_label(cfg),
+        ),
         "interpolations.png": lambda p: interpolation_grid(
             model, [(test[i], test[i + 1]) for i in range(0, 16, 2)], p
         ),
@@ -105,6 +128,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for name in written:
         print(f"wrote {out / name}")
     return 0
+
+
+def read_metrics(model_dir: Path) -> dict:
+    """The model directory's metrics.json (the epoch it was saved at), or nothing."""
+    try:
+        return json.loads((model_dir / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def cli() -> None:

@@ -163,6 +163,8 @@ def check_output_file(text: str | Path, what: str, owned_by: str) -> Path:
                 f"{what} {path} exists and was not written by {owned_by}: refusing to replace "
                 "it; name a new file"
             )
+    else:
+        _check_creatable(path, what)  # before the work: a long evaluation, then no place to put it
     return path
 
 

@@ -79,17 +79,33 @@ def pareto_front(table: pd.DataFrame, metrics: list[str], modes: list[str]) -> p
     return points.loc[keep].sort_values(metrics[0])
 
 
-def plot_pareto(table: pd.DataFrame, front: pd.DataFrame, metrics: list[str], path: Path) -> None:
+def plot_pareto(
+    table: pd.DataFrame,
+    front: pd.DataFrame,
+    metrics: list[str],
+    path: Path,
+    exported: str | None = None,
+) -> None:
+    """Rate against distortion: every trial named by its id, the front joined, the exported
+    trial starred."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    ax.scatter(table[metrics[0]], table[metrics[1]], c="0.6", label="trials")
-    ax.plot(front[metrics[0]], front[metrics[1]], "o-", c="C3", label="Pareto front")
-    ax.set_xlabel(f"{metrics[0]} (nats)")
-    ax.set_ylabel(f"{metrics[1]} (nats)")
+    x, y = metrics
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    ax.scatter(table[x], table[y], c="0.6", label="trials")
+    ax.plot(front[x], front[y], "o-", c="C3", label="Pareto front")
+    for _, row in table.dropna(subset=[x, y]).iterrows():
+        ax.annotate(str(row["trial_id"]), (row[x], row[y]), xytext=(4, 4),
+                    textcoords="offset points", fontsize=7, color="0.3")  # fmt: skip
+    chosen = table[table["trial_id"] == exported].dropna(subset=[x, y])
+    if len(chosen):
+        ax.scatter(chosen[x], chosen[y], marker="*", s=260, c="C2", zorder=3,
+                   label=f"exported: {exported}")  # fmt: skip
+    ax.set_xlabel(f"{x} (nats)")
+    ax.set_ylabel(f"{y} (nats)")
     ax.set_title("Rate vs distortion")
     ax.legend()
     fig.tight_layout()

@@ -202,8 +202,8 @@ def search(
         tuner = make_tuner(cfg, params, [*(callbacks or []), *search_trackers(cfg, params)])
     table = trial_table(cfg, params, tuner.fit())
     print_summary(cfg, table)
-    written = write_outputs(cfg, table, path)
     best = best_trial(cfg, table)
+    written = write_outputs(cfg, table, path, str(best["trial_id"]))
     export = export_best(cfg, best)
     if cfg.tracking.mlflow.uri:
         report_tracking(cfg, params, best, export, written)
@@ -224,8 +224,9 @@ def search_trackers(cfg: Config, params: list[Param]) -> list[SearchTracker]:
     return [SearchTracker(cfg, params, experiment_path(cfg), tags)]
 
 
-def write_outputs(cfg: Config, table: pd.DataFrame, path: str) -> list[str]:
-    """The trial summary and, in multi-objective mode, the Pareto front and its plot."""
+def write_outputs(cfg: Config, table: pd.DataFrame, path: str, exported: str) -> list[str]:
+    """The trial summary and, in multi-objective mode, the Pareto front and its plot (the
+    exported trial starred)."""
     written = write_table(table, path, SUMMARY_FILE)
     for file in written:
         print(f"trial summary: {file}")
@@ -236,7 +237,7 @@ def write_outputs(cfg: Config, table: pd.DataFrame, path: str) -> list[str]:
             print(f"Pareto front: {file}")
             written.append(file)
         if not is_uri(path):
-            plot_pareto(table, front, metrics, Path(path) / f"{PARETO_FILE}.png")
+            plot_pareto(table, front, metrics, Path(path) / f"{PARETO_FILE}.png", exported)
             print(f"Pareto plot: {path}/{PARETO_FILE}.png")
             written.append(f"{path}/{PARETO_FILE}.png")
     return written

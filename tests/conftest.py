@@ -56,6 +56,22 @@ def write_model_dir(
     return model
 
 
+def grid_pixels(path: Path, grid_width: int) -> np.ndarray:
+    """The image grid of a picture (pictures.titled) at its own size, grey: below the title
+    band, right of any row labels, one pixel per upscaled block."""
+    from PIL import Image
+
+    from raytrain_vae.pictures import TITLE_BAND
+
+    with Image.open(path) as picture:
+        body = np.asarray(picture.convert("RGB"))[TITLE_BAND:, :, 0]
+    left = int(np.argmax(body[0] == 0))  # the grid's top padding is black, labels sit on white
+    region = body[:, left:]
+    scale = region.shape[1] // grid_width
+    assert scale >= 1 and region.shape[1] == grid_width * scale, (region.shape, grid_width)
+    return region[::scale, ::scale]
+
+
 def idx_bytes(array: np.ndarray) -> bytes:
     """An IDX file as in MNIST: big-endian magic 0x0000080<ndim> (uint8 data), dims, pixels."""
     array = np.ascontiguousarray(array, dtype=np.uint8)

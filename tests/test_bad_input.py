@@ -338,7 +338,7 @@ EVALUATE_CASES: dict[str, tuple[list[str], str]] = {
     "batch-size-huge": (["--batch-size", str(2**21)], "--batch-size"),
     "output-is-a-folder": (["--output", "mine"], "is a folder"),
     "output-someone-elses-file": (["--output", "mine/notes.txt"], "was not written by"),
-    "output-below-a-file": (["--output", "a-file/metrics.json", "--k", "2"], "cannot write"),
+    "output-below-a-file": (["--output", "a-file/metrics.json", "--k", "2"], "is not a folder"),
     "output-empty": (["--output", ""], "empty path"),
 }
 

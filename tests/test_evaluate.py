@@ -16,7 +16,7 @@ from conftest import make_idx_dataset, write_model_dir
 from torch.distributions import Bernoulli, Normal
 
 import raytrain_vae.evaluate as evaluate_mod
-from raytrain_vae.cli import run_cli
+from raytrain_vae.cli import Progress, run_cli
 from raytrain_vae.config import (
     Config,
     DataSection,
@@ -371,6 +371,7 @@ def test_cli_evaluates_an_exported_model(exported, tmp_path):
     assert metrics["neg_elbo"] == pytest.approx(metrics["recon"] + metrics["kl"])
     assert metrics["bits_per_dim"] == pytest.approx(metrics["iwae_nll"] / (PIXELS * math.log(2)))
     assert json.loads(out.read_text()) == metrics
+    assert "evaluate: 8/8 images scored (" in stderr  # the progress line, at the end at least
     # the first 8 (statically binarized) test images, seed 0, as evaluate() computes them
     model = load_model(exported)
     test = load_splits(load_config(exported / "config.yaml").data).test[:8]
@@ -457,3 +458,21 @@ def test_cpu_evaluation_retains_freed_memory_as_configured(exported, monkeypatch
         == 0
     )
     assert calls == ([1] if retain else [])
+
+
+def test_progress_counts_up_with_a_rate_and_a_time_left(capsys):
+    progress = Progress("evaluate", 300, "images scored", every_s=0.0)
+    for done in (100, 200, 300):
+        progress(done)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        f"evaluate: {n}/300 images scored" for n in (100, 200, 300)
+    ]
+    assert "s left)" in lines[0] and "left" not in lines[-1]
+
+
+def test_evaluate_reports_progress_after_each_batch(trained):
+    model, images = trained["model"], (trained["test"][:25] * 255).to(torch.uint8)
+    seen = []
+    evaluate(model, images, k=0, batch_size=10, progress=seen.append)
+    assert seen == [10, 20, 25]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_idx_dataset, write_model_dir
+from conftest import grid_pixels, make_idx_dataset, write_model_dir
 from PIL import Image
 
 import raytrain_vae.export as export
@@ -32,6 +32,7 @@ from raytrain_vae.export import export_model, load_model
 from raytrain_vae.images import reconstruction_grid, sample_grid
 from raytrain_vae.model_io import ModelFileError, load_model_dir, save_weights
 from raytrain_vae.models.conv import ConvVAE
+from raytrain_vae.pictures import MIN_WIDTH, picture_title
 
 IMAGE_SHAPE = (1, 28, 28)  # what the exported model is built for and the IDX files hold
 N_TEST = 20
@@ -156,19 +157,21 @@ def test_export_writes_a_complete_model_directory(
     assert "load_model" in card
 
     # samples.png: num_samples images, sqrt-ish grid, the same pictures sample_grid draws
-    samples = read_png(out / "samples.png")
     nrow = math.ceil(math.sqrt(num_samples))
+    width = grid_size(num_samples, nrow)[0]
+    samples = grid_pixels(out / "samples.png", width)
     assert samples.shape[::-1] == grid_size(num_samples, nrow)
     sample_grid(original, tmp_path / "expected.png", n=num_samples)
-    assert np.array_equal(samples, read_png(tmp_path / "expected.png"))
+    assert np.array_equal(samples, grid_pixels(tmp_path / "expected.png", width))
+    assert Image.open(out / "samples.png").width >= MIN_WIDTH
 
     # reconstructions.png: each row of (up to 16) test images above their reconstructions
-    recon = read_png(out / "reconstructions.png")
     n = num_reconstructions
     nrow = min(n, 16)
     input_rows = math.ceil(n / nrow)
-    with Image.open(out / "reconstructions.png") as im:
-        assert im.size == grid_size(2 * input_rows * nrow, nrow)
+    size = grid_size(2 * input_rows * nrow, nrow)
+    recon = grid_pixels(out / "reconstructions.png", size[0])
+    assert recon.shape[::-1] == size
     test = load_splits(cfg.data).test[:n]
     expected_recon = to_u8(original.reconstruct(to_model_input(test, False)))
     for i in range(n):
@@ -285,7 +288,9 @@ def test_grid_helpers_match_the_export(tmp_path, data_root):
     out = export_model(tmp_path / "ckpt", tmp_path / "export")
     model = load_model(out)
     test = load_splits(cfg.data).test[: cfg.export.num_reconstructions]
-    reconstruction_grid(model, to_model_input(test, False), tmp_path / "r.png")
+    metrics = json.loads((out / "metrics.json").read_text())
+    title = picture_title(cfg, metrics, "test reconstructions")
+    reconstruction_grid(model, to_model_input(test, False), tmp_path / "r.png", title, "input")
     assert np.array_equal(read_png(tmp_path / "r.png"), read_png(out / "reconstructions.png"))
 
 

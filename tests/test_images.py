@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
-from conftest import make_idx_dataset, tiny_config, write_model_dir
+from conftest import grid_pixels, make_idx_dataset, tiny_config, write_model_dir
 from PIL import Image
 
-from raytrain_vae.images import interpolation_grid, latent_map, main
+from raytrain_vae.images import interpolation_grid, latent_map, main, reconstruction_grid
 from raytrain_vae.models.conv import ConvVAE
 from raytrain_vae.outputs import MARKER
+from raytrain_vae.pictures import MIN_WIDTH, TITLE_BAND
 
 
 def tiny_model(latent_dim: int) -> ConvVAE:
@@ -19,9 +22,12 @@ def tiny_model(latent_dim: int) -> ConvVAE:
     return ConvVAE(cfg.model, (1, 28, 28)).eval()
 
 
-def grid_tiles(path, rows: int, cols: int) -> np.ndarray:
-    """Split a torchvision grid (padding 2) back into (rows, cols, 28, 28) uint8 tiles."""
-    a = np.asarray(Image.open(path).convert("L"))
+def grid_tiles(path, rows: int, cols: int, left: int = 0) -> np.ndarray:
+    """Split a titled, upscaled torchvision grid (padding 2) back into (rows, cols, 28, 28)
+    uint8 tiles: below the title band, right of the row labels, one pixel per upscaled block."""
+    picture = np.asarray(Image.open(path).convert("L"))
+    scale = max(1, math.ceil(MIN_WIDTH / (cols * 30 + 2)))
+    a = picture[TITLE_BAND:, left:][::scale, ::scale]
     assert a.shape == (rows * 30 + 2, cols * 30 + 2)
     return np.stack(
         [
@@ -73,4 +79,29 @@ def test_images_cli_writes_every_picture(tmp_path):
         "latent_map.png",
         MARKER,
     }
-    assert Image.open(tmp_path / "png" / "samples.png").size == (3 * 30 + 2, 3 * 30 + 2)
+    assert grid_pixels(tmp_path / "png" / "samples.png", 3 * 30 + 2).shape == (92, 92)
+
+
+def dark(region: np.ndarray) -> bool:
+    """Whether a white region holds anything drawn (text)."""
+    return bool((region < 128).any())
+
+
+def test_pictures_are_large_titled_and_their_rows_labelled(tmp_path):
+    cfg = tiny_config("model.hidden_dim=16")
+    torch.manual_seed(0)
+    model = ConvVAE(cfg.model, (3, 32, 32)).eval()  # RGB
+    x = torch.rand(20, 3, 32, 32)  # two blocks of input + reconstruction rows
+    reconstruction_grid(model, x, tmp_path / "r.png", "my title", "input (binarized)")
+    picture = Image.open(tmp_path / "r.png")
+    assert picture.mode == "RGB" and picture.width >= MIN_WIDTH
+    a = np.asarray(picture.convert("L"))
+    assert dark(a[:TITLE_BAND, : picture.width // 2])  # the title
+    assert not dark(a[:TITLE_BAND, -40:])  # and nothing else in its band
+    grid_left = int(np.argmax(a[TITLE_BAND + 5] < 128))  # the grid's black padding begins
+    assert grid_left > 60  # room for the labels
+    rows = 4
+    row_height = (a.shape[0] - TITLE_BAND) / rows
+    for row in range(rows):  # each row's label, left of the grid
+        middle = int(TITLE_BAND + (row + 0.5) * row_height)
+        assert dark(a[middle - 6 : middle + 6, : grid_left - 4]), row
