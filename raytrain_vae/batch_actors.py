@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +22,7 @@ from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.models import VAE
 from raytrain_vae.objectives import kl_to_standard_normal, reconstruction_nll
 from raytrain_vae.perf.heap import retain_freed_memory
+from raytrain_vae.runtime import RAY_DATA_ERROR_LOGGERS, ResourceError
 
 
 def split_dataset(table: pa.Table, batch_size: int) -> Callable[[], ray.data.Dataset]:
@@ -139,3 +142,29 @@ class Encoder:
             columns["recon_nll"] = pa.array(reconstruction_nll(self.model, out, x).cpu().numpy())
             columns["neg_elbo"] = pa.array(neg_elbo.cpu().numpy())
         return pa.table(columns)
+
+
+@contextmanager
+def job_context(concurrency: int, resource_wait_s: float) -> Iterator[None]:
+    """Ray Data settings for one job, restored afterwards: an actor's UserError reaches the CLI
+    as itself (a UserCodeException would drop it on the way from the worker), and actors that
+    cannot start fail after a bounded wait instead of never."""
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.raise_original_map_exception, ctx.wait_for_min_actors_s
+    loggers = [logging.getLogger(name) for name in RAY_DATA_ERROR_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    ctx.raise_original_map_exception = True
+    ctx.wait_for_min_actors_s = max(60, int(resource_wait_s))
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except ray.exceptions.GetTimeoutError:
+        raise ResourceError(
+            f"the {concurrency} actor(s) did not start within "
+            f"{ctx.wait_for_min_actors_s} s; lower --concurrency or --num-gpus"
+        ) from None
+    finally:
+        ctx.raise_original_map_exception, ctx.wait_for_min_actors_s = saved
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from raytrain_vae import batch_actors
 from raytrain_vae.batch_actors import latents_for, png_bytes
 from raytrain_vae.config import UserError, dump_config, load_config
 from raytrain_vae.export import load_model
-from raytrain_vae.generate import encode_images, sample
+from raytrain_vae.generate import encode_images, main, sample
 from raytrain_vae.inputs import read_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +127,18 @@ def test_overwrite_replaces_existing_output(ray_local, model_dir, tmp_path):
     assert read_rows(out).num_rows == 10  # untouched by the refused run
     sample(str(model_dir), 12, str(out), overwrite=True)
     assert read_rows(out).num_rows == 12
+
+
+@pytest.mark.slow
+def test_cli_rate_counts_the_rows_own_time(ray_local, model_dir, tmp_path, capsys):
+    argv = ["sample", "--model", str(model_dir), "--num-samples", "12"]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    pattern = r"wrote 12 rows to .+ in ([0-9.]+) s: [0-9]+ rows/s over the ([0-9.]+) s of the job "
+    match = re.fullmatch(pattern + r"itself \(Ray's start-up and checks: ([0-9.]+) s\)", line)
+    assert match, line
+    total, job, before = map(float, match.groups())
+    assert job <= total and abs(total - job - before) <= 0.11
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import pytest
 import ray
 
 import raytrain_vae.runtime as runtime
+from raytrain_vae.batch_actors import job_context
 from raytrain_vae.cli import run_cli
 from raytrain_vae.config import UserError
-from raytrain_vae.generate import JobOptions, job_context
+from raytrain_vae.generate import JobOptions
 from raytrain_vae.runtime import ResourceError, autoscaler_limits, require_resources
 
 pytestmark = pytest.mark.slow
@@ -87,7 +88,8 @@ def test_a_user_error_inside_ray_data_is_one_line(ray_local, capsys):
         raise UserError("batch of ids: bad pixels")
 
     def job() -> int:
-        with job_context(JobOptions()):  # the Ray Data settings of every generate job
+        options = JobOptions()
+        with job_context(options.concurrency, options.resource_wait_s):  # every generate job
             ray.data.range(4).map_batches(refuse, num_cpus=0.5).take_all()
         return 0
 
