@@ -31,6 +31,9 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run at"
+    # tracking.mlflow.uri may name a folder: MLflow 3 keeps that store (in maintenance mode)
+    # only when asked to.
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
 @dataclasses.dataclass

@@ -137,6 +137,18 @@ def test_a_run_round_trips_and_resumes_by_key(tmp_path):
     assert artifacts == tmp_path / "mlartifacts"  # beside the store, not in a worker's cwd
 
 
+def test_a_folder_store_works_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = load_config(None, ["tracking.mlflow.uri=mlruns"]).tracking.mlflow.uri
+    sink, run = open_sink(uri, params={"train.lr": "0.001"})
+    run.log_metrics(metrics_of(1), 1)
+    run.finish()
+    assert sink.close(timeout_s=60) == []
+    got = MlflowClient(uri).get_run(run.run_id)
+    assert got.info.status == "FINISHED" and got.data.metrics["val_neg_elbo"] == 299.0
+    assert (tmp_path / "mlruns").is_dir()
+
+
 def test_a_refused_call_is_dropped_and_the_rest_still_sent(tmp_path, capfd):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sink, run = open_sink(uri)
