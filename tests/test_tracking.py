@@ -4,6 +4,7 @@ sqlite store and a dead port, TensorBoard events read back with TensorBoard's ow
 from __future__ import annotations
 
 import pickle
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from conftest import S3Server, free_port, tiny_config
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import raytrain_vae
 from raytrain_vae.config import ConfigError, load_config, shown_uri
 from raytrain_vae.mlflow_runs import RunSpec
 from raytrain_vae.mlflow_sink import MlflowSink
@@ -83,6 +85,16 @@ def test_params_are_the_flattened_config_and_tags_hold_no_secret(monkeypatch):
     assert params["train.lr"] == str(cfg.train.lr) and params["model.channels"] == "[32, 64]"
     assert params["tracking.mlflow.uri"] == "https://mlflow.example.com"
     assert "t0ken" not in " ".join([*params.values(), *run_tags("127.0.0.1:6379").values()])
+
+
+def test_tags_name_the_version_the_commit_and_the_cluster():
+    tags = run_tags("127.0.0.1:6379")
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+    ).stdout.strip()
+    assert tags["raytrain_vae.version"] == raytrain_vae.__version__
+    assert tags["ray.address"] == "127.0.0.1:6379"
+    assert tags.get("mlflow.source.git.commit") == (head or None)  # a checkout has one
 
 
 def open_sink(uri: str, key: str = "runs/a", resume: bool = True, **spec) -> tuple:
