@@ -3,7 +3,7 @@
 data.ingest=memory decodes every image once into each worker; data.ingest=stream reads, decodes
 and shuffles them from storage in Ray Data tasks every epoch.
 
-Every run trains the default config's model with its batch size through raytrain_vae.train.fit.
+Every run trains the default config's model with its batch size through raytrain_vae.training.fit.
 Fashion-MNIST in memory (data.source=fashion_mnist) is compared with the same images written to
 Parquet as a uint8 pixels column (row groups of 2048) and streamed, with 1 worker and with 2, and
 with 1 worker against a Parquet column of PNG bytes; then seeded smooth RGB noise, written as
@@ -44,7 +44,7 @@ from raytrain_vae.config import load_config
 from raytrain_vae.data import ingest_mode, load_splits
 from raytrain_vae.ingest import STREAM_SPARE_CPUS
 from raytrain_vae.runtime import init_ray
-from raytrain_vae.train import fit, history_of
+from raytrain_vae.training import fit, history_of
 
 ROW_GROUP = 2048
 TARGET = 0.9

@@ -32,7 +32,7 @@ from torch import nn
 
 from raytrain_vae.config import load_config
 from raytrain_vae.data import load_splits, to_model_input
-from raytrain_vae.evaluate import evaluate
+from raytrain_vae.evaluation import evaluate
 from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.objectives import bits_per_dim, kl_to_standard_normal
 
@@ -125,7 +125,7 @@ def train_project(cfg) -> tuple[list[Path], float]:
     time of the whole fit (Ray start-up included)."""
     import ray
 
-    from raytrain_vae.train import fit
+    from raytrain_vae.training import fit
 
     start = time.perf_counter()
     ray.init(num_cpus=os.cpu_count())

@@ -72,7 +72,7 @@ def ray_train(cfg, overrides: list[str]) -> list[float]:
     """images/s per epoch reported by the project's Ray Train run."""
     import ray
 
-    from raytrain_vae.train import fit, history_of
+    from raytrain_vae.training import fit, history_of
 
     raw = apply_overrides(cfg.model_dump(mode="json"), overrides)
     cfg = validate_config(raw, "benchmark config")

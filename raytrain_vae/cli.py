@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import math
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from raytrain_vae.config import UserError
 
@@ -82,6 +86,56 @@ class Progress:
             file=sys.stderr,
             flush=True,
         )
+
+
+JSON_HELP = "print the results as JSON on stdout; every other line goes to stderr"
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool = True) -> Iterator[None]:
+    """While active, whatever would reach stdout (our lines, Ray Tune's table, the worker logs
+    Ray forwards, C libraries) goes to stderr, so that stdout holds only the JSON printed
+    after it. Ray is stopped before leaving, or its late log lines would follow the JSON."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        fd = None  # stdout is no file (pytest's capture): the Python-level redirect suffices
+    saved = None if fd is None else os.dup(fd)
+    if fd is not None:
+        os.dup2(sys.stderr.fileno(), fd)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+            stop_embedded_ray()
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def print_json(value: Any) -> None:
+    """value as JSON on stdout; NaN and infinities (not JSON) as null."""
+    print(json.dumps(json_safe(value), indent=1))
+
+
+def json_safe(value: Any) -> Any:
+    """value with non-finite floats as None and numpy/pandas scalars as Python ones."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
 
 
 MAX_LINE = 300

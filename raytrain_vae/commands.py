@@ -8,16 +8,16 @@ import importlib
 import sys
 import textwrap
 
-from raytrain_vae import __version__
 from raytrain_vae.cli import HelpFormatter, config_parser, run_cli
 from raytrain_vae.config import config_keys, dump_config, load_config
+from raytrain_vae.version import __version__
 
 PROG = "raytrain-vae"
 COMMANDS = {  # name -> (module with main(argv, prog), what it does)
-    "train": ("raytrain_vae.train", "train one VAE with Ray Train (DDP) from a config"),
+    "train": ("raytrain_vae.training", "train one VAE with Ray Train (DDP) from a config"),
     "tune": ("raytrain_vae.tune", "search hyperparameters (Ray Tune + Optuna), export the best"),
     "generate": ("raytrain_vae.generate", "Ray Data batch jobs: sample, reconstruct, encode"),
-    "evaluate": ("raytrain_vae.evaluate", "negative ELBO, IWAE bound and bits/dim of an export"),
+    "evaluate": ("raytrain_vae.evaluation", "negative ELBO, IWAE bound and bits/dim of an export"),
     "images": ("raytrain_vae.images", "PNG pictures of an export: samples, reconstructions, ..."),
     "config": ("raytrain_vae.commands", "print a resolved config, or every key (--schema)"),
 }

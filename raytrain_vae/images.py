@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from raytrain_vae import pictures
-from raytrain_vae.cli import HelpFormatter, check_flag, run_cli
+from raytrain_vae.cli import HelpFormatter, Progress, check_flag, run_cli
 from raytrain_vae.config import SEED_LIMIT
 from raytrain_vae.data import split_images, to_model_input
 from raytrain_vae.model_io import METRICS_FILE, load_model_dir
 from raytrain_vae.models import VAE
 from raytrain_vae.outputs import check_output_dir, staged_dir
 from raytrain_vae.pictures import grid, input_label, picture_title, sample_images, titled
+from raytrain_vae.pictures import reconstruction_grid as draw_reconstructions
 
 OUTPUT_KIND = "images"
 MAX_GRID = 10_000  # images in one PNG grid
@@ -46,7 +46,7 @@ def reconstruction_grid(
 ) -> None:
     """Inputs (float in [0, 1]) on the rows labelled `inputs`, their reconstructions below."""
     rows = 2 * math.ceil(len(images) / 16)
-    picture = pictures.reconstruction_grid(model, images)
+    picture = draw_reconstructions(model, images)
     titled(picture, title or "reconstructions", [inputs, "reconstruction"], rows).save(path)
 
 
@@ -122,9 +122,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     }
     if cfg.model.latent_dim == 2:
         written["latent_map.png"] = lambda p: latent_map(model, p)
+    progress = Progress("images", len(written), "pictures drawn", every_s=0.0)
     with staged_dir(out, "--output", OUTPUT_KIND) as tmp:
-        for name, draw in written.items():
+        for done, (name, draw) in enumerate(written.items(), 1):
             draw(tmp / name)
+            progress(done)
     for name in written:
         print(f"wrote {out / name}")
     return 0

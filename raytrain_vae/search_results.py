@@ -141,6 +141,27 @@ def best_trial(cfg: Config, table: pd.DataFrame) -> pd.Series:
     return candidates.sort_values(column, ascending=mode == "min").iloc[0]
 
 
+def search_summary(
+    cfg: Config, table: pd.DataFrame, export: Path, experiment: str, summary_file: str
+) -> dict[str, Any]:
+    """What a program reads of a finished search (`tune --json`): the metric, the best trial,
+    where the export and the experiment are, and every trial's row."""
+    metric, mode = cfg.search.selection
+    rows = table.drop(columns=["best_checkpoint"], errors="ignore").to_dict(orient="records")
+    best = best_trial(cfg, table)
+    return {
+        "metric": metric,
+        "mode": mode,
+        "best_trial": str(best["trial_id"]),
+        f"best_{metric}": float(best[f"best_{metric}"]),
+        "best_epoch": int(best["best_epoch"]),
+        "export": str(export),
+        "experiment": experiment,
+        "summary": summary_file,
+        "trials": rows,
+    }
+
+
 def print_summary(cfg: Config, table: pd.DataFrame) -> None:
     shown = [c for c in table.columns if c not in {"best_checkpoint", "error"}]
     with pd.option_context("display.width", 200, "display.max_columns", 50):

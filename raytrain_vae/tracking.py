@@ -11,7 +11,6 @@ from urllib.parse import urlsplit
 
 import torch
 
-import raytrain_vae
 from raytrain_vae.config import Config, ConfigError, shown_uri
 from raytrain_vae.data import to_model_input
 from raytrain_vae.loop import RankRun
@@ -19,6 +18,7 @@ from raytrain_vae.mlflow_runs import RunSpec
 from raytrain_vae.mlflow_sink import MlflowSink, first_line
 from raytrain_vae.model_io import save_model_dir
 from raytrain_vae.tensorboard_log import Board
+from raytrain_vae.version import __version__
 
 PICTURED = 16  # validation images in the reconstruction grid
 CLOSE_TIMEOUT_S = 30.0  # what MLflow has not taken by then is named, and the run ends
@@ -68,8 +68,8 @@ def flatten(value: object, prefix: str) -> Iterator[tuple[str, str]]:
 def run_tags(ray_address: str | None) -> dict[str, str]:
     """Tags of a run or search: the project version, its git commit when it has one, and the
     Ray cluster it ran on."""
-    tags = {"raytrain_vae.version": raytrain_vae.__version__}
-    commit = git_commit(Path(raytrain_vae.__file__).parent)
+    tags = {"raytrain_vae.version": __version__}
+    commit = git_commit(Path(__file__).parent)
     if commit:
         tags["mlflow.source.git.commit"] = commit
     if ray_address:

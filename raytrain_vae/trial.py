@@ -14,7 +14,7 @@ from raytrain_vae.config import Config, validate_config
 from raytrain_vae.rank_host import trial_process_host
 from raytrain_vae.search_space import Param, trial_config
 from raytrain_vae.tracking import tracking_spec
-from raytrain_vae.train import (
+from raytrain_vae.training import (
     build_trainer,
     data_cpus,
     loop_inputs,

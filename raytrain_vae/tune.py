@@ -14,7 +14,7 @@ from ray.train import Checkpoint
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from raytrain_vae.cli import config_parser, run_cli
+from raytrain_vae.cli import JSON_HELP, config_parser, print_json, run_cli, stdout_to_stderr
 from raytrain_vae.config import Config, ConfigError, is_uri, load_config, shown_uri
 from raytrain_vae.export import EXPORT_KIND, export_model
 from raytrain_vae.outputs import check_output_dir
@@ -24,6 +24,7 @@ from raytrain_vae.search_results import (
     pareto_front,
     plot_pareto,
     print_summary,
+    search_summary,
     trial_table,
     write_table,
 )
@@ -31,7 +32,7 @@ from raytrain_vae.search_space import Param, parse_space, trial_configs
 from raytrain_vae.search_tracking import SearchTracker
 from raytrain_vae.storage import filesystem_for, ray_storage
 from raytrain_vae.tracking import run_tags
-from raytrain_vae.train import (
+from raytrain_vae.training import (
     preflight,
     ray_storage_args,
     require_worker_resources,
@@ -56,7 +57,8 @@ EXAMPLES = """search space (search.space: dotted config key -> distribution):
 examples:
   raytrain-vae tune quickstart
   raytrain-vae tune configs/search.yaml search.num_samples=50 search.max_concurrent_trials=4
-  raytrain-vae tune quickstart --resume            # continue an interrupted search"""
+  raytrain-vae tune quickstart --resume            # continue an interrupted search
+  raytrain-vae tune quickstart --json > search.json  # the summary for a program"""
 SUMMARY_FILE = "summary"
 PARETO_FILE = "pareto"
 
@@ -269,9 +271,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted search of the same run.name"
     )
+    parser.add_argument("--json", action="store_true", help=JSON_HELP)
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    search(cfg, resume=args.resume)
+    with stdout_to_stderr(args.json):
+        table, export = search(cfg, resume=args.resume)
+    if args.json:
+        path = experiment_path(cfg)
+        print_json(search_summary(cfg, table, export, path, f"{path}/{SUMMARY_FILE}.csv"))
     return 0
 
 

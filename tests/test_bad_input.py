@@ -20,7 +20,9 @@ import yaml
 from conftest import make_idx_dataset, write_model_dir
 from safetensors.torch import load_file, safe_open, save_file
 
-from raytrain_vae import evaluate, generate, images, train, tune
+from raytrain_vae import evaluation as evaluate
+from raytrain_vae import generate, images, tune
+from raytrain_vae import training as train
 from raytrain_vae.cli import BUG_LINE, MAX_LINE, run_cli
 from raytrain_vae.config import load_config
 from raytrain_vae.outputs import MARKER

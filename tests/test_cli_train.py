@@ -68,8 +68,12 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *phrases: str) -> N
 
 @pytest.mark.slow
 def test_resuming_with_another_architecture_or_tampered_weights_is_refused(tmp_path):
-    first = run_train(tmp_path, "model.channels=[8,16]", "train.epochs=1")
+    first = run_train(tmp_path, "model.channels=[8,16]", "train.epochs=1", "--json")
     assert first.returncode == 0, first.stderr[-3000:]
+    printed = json.loads(first.stdout)  # --json: stdout holds the JSON only
+    assert printed["metrics"]["epoch"] == 1 and printed["metrics"]["val_neg_elbo"] > 0
+    assert Path(printed["checkpoint"]).parent == tmp_path / "runs" / "resumed"
+    assert "final checkpoint: " in first.stderr
 
     # Same run.name, a different model: its checkpoint cannot be resumed into this one.
     other = run_train(tmp_path, "model.channels=[4,8]", "train.epochs=2")

@@ -1,23 +1,29 @@
 """The one CLI (`raytrain-vae`, `python -m raytrain_vae`): subcommands, complete --help,
---version, `config`, shipped configs by name, and a wheel that runs away from the checkout."""
+--version, `config`, shipped configs by name, and a wheel that runs away from the checkout (the
+README's Python example, generate, evaluate and images from it)."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
 import subprocess
 import sys
 import venv
 import zipfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
+from PIL import Image
+from test_api import readme_example
 from test_readme import dotted_keys
 
 from raytrain_vae import __version__
 from raytrain_vae.commands import COMMANDS, config_main, main
 from raytrain_vae.config import ConfigError, load_config
-from raytrain_vae.evaluate import main as evaluate_main
+from raytrain_vae.evaluation import main as evaluate_main
 from raytrain_vae.generate import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,22 +101,18 @@ def test_python_dash_m_runs_the_cli():
     assert yaml.safe_load(proc.stdout)["run"]["name"] == "x"
 
 
-@pytest.mark.slow
-def test_the_wheel_installs_and_runs_away_from_the_checkout(tmp_path):
-    """The wheel holds the configs, LICENSE and py.typed; installed into a new venv (the
-    dependencies from this one), its CLI runs from another folder and finds quickstart."""
-    build = [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-w", str(tmp_path)]
+def build_wheel(folder: Path) -> Path:
+    build = [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-w", str(folder)]
     setuptools = importlib.metadata.version("setuptools")
     if int(setuptools.split(".")[0]) >= 77:
         build.append("--no-build-isolation")  # no download when this venv can build it
     subprocess.run(build, check=True, capture_output=True, timeout=300)
-    (wheel,) = tmp_path.glob("raytrain_vae-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    for member in ("raytrain_vae/py.typed", "raytrain_vae/configs/quickstart.yaml"):
-        assert member in names
-    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    (wheel,) = folder.glob(f"raytrain_vae-{__version__}-*.whl")  # pyproject reads the version
+    return wheel
 
-    fresh = tmp_path / "venv"
+
+def install_in_new_venv(wheel: Path, fresh: Path) -> Path:
+    """A new venv holding only the wheel (its dependencies are this venv's); its bin folder."""
     venv.create(fresh, with_pip=True)
     python = fresh / "bin" / "python"
     site = subprocess.run(
@@ -123,16 +125,54 @@ def test_the_wheel_installs_and_runs_away_from_the_checkout(tmp_path):
         [python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
         check=True, timeout=300,
     )  # fmt: skip
+    return fresh / "bin"
+
+
+@pytest.mark.slow
+def test_the_wheel_runs_the_readme_example_and_the_clis_away_from_the_checkout(tmp_path):
+    """The wheel holds the configs, LICENSE and py.typed. Installed into a new venv, from
+    another folder (HOME there too: the quickstart stores runs in ~/ray_results): the README's
+    Python example (a search, evaluate, a training run), then `generate sample`, `evaluate
+    --json` and `images` on its export, each with its progress lines."""
+    wheel = build_wheel(tmp_path)
+    names = zipfile.ZipFile(wheel).namelist()
+    for member in ("raytrain_vae/py.typed", "raytrain_vae/configs/quickstart.yaml"):
+        assert member in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    bin_dir = install_in_new_venv(wheel, tmp_path / "venv")
     away = tmp_path / "elsewhere"
     away.mkdir()
-    run = subprocess.run(
-        [fresh / "bin" / "raytrain-vae", "config", "quickstart"],
-        cwd=away, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    assert yaml.safe_load(run.stdout)["run"]["name"] == "quickstart"
-    where = subprocess.run(
-        [python, "-c", "import raytrain_vae; print(raytrain_vae.__file__)"],
-        cwd=away, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    assert where.startswith(str(fresh)), where  # the wheel's copy, not the checkout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(away)}
+
+    def run(*argv: object, timeout: float = 300) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [str(a) for a in argv], cwd=away, env=env, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    assert yaml.safe_load(run(bin_dir / "raytrain-vae", "config", "quickstart").stdout)["run"] == (
+        load_config("quickstart").run.model_dump(mode="json")
+    )
+    where = run(bin_dir / "python", "-c", "import raytrain_vae; print(raytrain_vae.__file__)")
+    assert where.stdout.startswith(str(tmp_path / "venv")), where  # the wheel's, not the checkout
+
+    example = run(bin_dir / "python", "-c", readme_example(), timeout=600).stdout.splitlines()
+    assert any(line.startswith("test negative ELBO ") for line in example), example
+    final = Path(example[-1].split()[0])
+    assert final.parent == away / "ray_results" / "raytrain_vae" / "notebook"
+    export = away / "exports" / "quickstart"
+
+    cli = bin_dir / "raytrain-vae"
+    sampled = run(cli, "generate", "sample", "--model", export, "--num-samples", 64,
+                  "--output", away / "samples")  # fmt: skip
+    assert pq.read_table(away / "samples").num_rows == 64 and "rows/s" in sampled.stdout
+    scored = run(cli, "evaluate", "--model", export, "--k", 5, "--limit", 100, "--json")
+    metrics = json.loads(scored.stdout)
+    assert metrics["images"] == 100 and metrics["iwae_k"] == 5
+    assert "evaluate: 100/100 images scored" in scored.stderr
+    drawn = run(cli, "images", "--model", export, "--output", away / "pictures")
+    assert "images: 3/3 pictures drawn" in drawn.stderr
+    for name in ("samples.png", "reconstructions.png", "interpolations.png"):
+        assert Image.open(away / "pictures" / name).width >= 512, name

@@ -314,7 +314,7 @@ def test_dump_round_trips_non_defaults(tmp_path):
 
 
 def test_unwritable_storage_path_fails_before_ray_starts(tmp_path):
-    from raytrain_vae.train import preflight
+    from raytrain_vae.training import preflight
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

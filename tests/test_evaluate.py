@@ -15,7 +15,7 @@ import torch
 from conftest import make_idx_dataset, write_model_dir
 from torch.distributions import Bernoulli, Normal
 
-import raytrain_vae.evaluate as evaluate_mod
+import raytrain_vae.evaluation as evaluate_mod
 from raytrain_vae.cli import Progress, run_cli
 from raytrain_vae.config import (
     Config,
@@ -25,7 +25,7 @@ from raytrain_vae.config import (
     load_config,
 )
 from raytrain_vae.data import load_splits
-from raytrain_vae.evaluate import evaluate
+from raytrain_vae.evaluation import evaluate
 from raytrain_vae.export import export_model, load_model
 from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.models.conv import ConvVAE
@@ -352,13 +352,17 @@ def test_cli_evaluates_an_exported_model(exported, tmp_path):
         "cpu",
         "--output",
         str(out),
+        "--json",
     )
+    human = run_module("--model", str(exported), "--k", "4", "--limit", "8")
     missing = run_module("--model", str(tmp_path / "nowhere"), "--k", "4")
     negative = run_module("--model", str(exported), "--k", "-1")
     results = {
         name: (p, *p.communicate(timeout=120))
-        for name, p in (("good", good), ("missing", missing), ("negative", negative))
-    }
+        for name, p in (
+            ("good", good), ("human", human), ("missing", missing), ("negative", negative)
+        )
+    }  # fmt: skip
 
     proc, stdout, stderr = results["good"]
     assert proc.returncode == 0, stderr
@@ -380,6 +384,14 @@ def test_cli_evaluates_an_exported_model(exported, tmp_path):
         if key != "bits_per_dim_means":
             assert metrics[key] == pytest.approx(expected[key], rel=1e-4), key
     assert metrics["bits_per_dim_means"] == expected["bits_per_dim_means"]
+    assert f"negative ELBO  {metrics['neg_elbo']:10.3f} nats/image" in stderr  # with --json
+
+    proc, stdout, stderr = results["human"]  # without --json: lines for people on stdout
+    assert proc.returncode == 0, stderr
+    assert stdout.startswith(f"{exported}: test split of mnist, 8 images (1x28x28, bernoulli")
+    assert f"negative ELBO  {metrics['neg_elbo']:10.3f} nats/image" in stdout
+    assert f"IWAE NLL       {metrics['iwae_nll']:10.3f} nats/image" in stdout
+    assert "{" not in stdout and "evaluate: 8/8 images scored" in stderr
 
     proc, stdout, stderr = results["missing"]
     assert proc.returncode == 2 and stdout == ""

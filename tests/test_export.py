@@ -131,7 +131,7 @@ def leftovers(parent: Path) -> list[str]:
     [("none", 10, 5), ("dynamic", 16, 18)],
 )
 def test_export_writes_a_complete_model_directory(
-    tmp_path, data_root, binarize, num_samples, num_reconstructions
+    tmp_path, data_root, binarize, num_samples, num_reconstructions, monkeypatch
 ):
     cfg = make_cfg(data_root, binarize, num_samples, num_reconstructions)
     original = make_checkpoint(tmp_path / "ckpt", cfg)
@@ -154,7 +154,11 @@ def test_export_writes_a_complete_model_directory(
         assert f"| {key} | {METRICS[key]:.4f} |" in card
     assert "latent_dim 4" in card and "channels [8, 16]" in card
     assert f"Trained {METRICS['epoch']} epochs" in card
-    assert "load_model" in card
+    code = card.split("```python\n")[1].split("```")[0]  # the card's example runs as written
+    monkeypatch.chdir(out)
+    namespace: dict = {}
+    exec(code, namespace)
+    assert namespace["images"].shape == (16, *original.image_shape)
 
     # samples.png: num_samples images, sqrt-ish grid, the same pictures sample_grid draws
     nrow = math.ceil(math.sqrt(num_samples))

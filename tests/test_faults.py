@@ -13,7 +13,7 @@ from ray.util.state import list_actors
 from raytrain_vae.config import load_config
 from raytrain_vae.data.idx import SYSTEM_DIRS
 from raytrain_vae.faults import FAIL_ONCE_ENV
-from raytrain_vae.train import fit, history_of
+from raytrain_vae.training import fit, history_of
 from raytrain_vae.tune import search
 
 pytestmark = pytest.mark.slow

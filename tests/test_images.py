@@ -59,7 +59,7 @@ def test_latent_map_needs_two_latent_dims_and_tiles_the_plane(tmp_path):
     assert np.abs(tiles[0, 0].astype(int) - (expected * 255).round().squeeze().numpy()).max() <= 1
 
 
-def test_images_cli_writes_every_picture(tmp_path):
+def test_images_cli_writes_every_picture(tmp_path, capsys):
     written = make_idx_dataset(n_train=40, n_test=32, height=28, width=28)
     written.write(tmp_path / "data")
     cfg = tiny_config(
@@ -80,6 +80,10 @@ def test_images_cli_writes_every_picture(tmp_path):
         MARKER,
     }
     assert grid_pixels(tmp_path / "png" / "samples.png", 3 * 30 + 2).shape == (92, 92)
+    err = capsys.readouterr().err  # progress: one line per picture drawn
+    assert [line.split(" (")[0] for line in err.splitlines()] == [
+        f"images: {i}/4 pictures drawn" for i in range(1, 5)
+    ]
 
 
 def dark(region: np.ndarray) -> bool:

@@ -12,7 +12,8 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from raytrain_vae import data, train
+from raytrain_vae import data
+from raytrain_vae import training as train
 from raytrain_vae.config import ConfigError
 from raytrain_vae.data.files import ReadPlan, read_unit
 from raytrain_vae.ingest import STREAM_SPARE_CPUS, read_unit_rows

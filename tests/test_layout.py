@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raytrain_vae"
 # The bottom of the stack: what a model, its maths and its files need. None of these may import
 # the training, search or batch-job layers, nor Ray.
 LOWER = {
+    "version",
     "config",
     "outputs",
     "likelihoods",
@@ -34,7 +35,9 @@ HIGHER = {
     "worker",
     "rank_host",
     "trial",
+    "training",
     "train",
+    "api",
     "tune",
     "search_space",
     "search_results",
@@ -42,6 +45,7 @@ HIGHER = {
     "export",
     "generate",
     "batch_actors",
+    "evaluation",
     "evaluate",
     "images",
     "inputs",

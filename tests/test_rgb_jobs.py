@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from raytrain_vae import images
 from raytrain_vae.batch_actors import Sampler
-from raytrain_vae.evaluate import evaluate
+from raytrain_vae.evaluation import evaluate
 from raytrain_vae.export import export_model
 from raytrain_vae.inputs import read_inputs
 from raytrain_vae.likelihoods import LIKELIHOODS

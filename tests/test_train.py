@@ -10,7 +10,7 @@ import pytest
 from raytrain_vae.config import load_config
 from raytrain_vae.data.idx import SYSTEM_DIRS
 from raytrain_vae.model_io import MODEL_FILE
-from raytrain_vae.train import fit, history_of
+from raytrain_vae.training import fit, history_of
 
 pytestmark = pytest.mark.slow
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -95,14 +96,20 @@ def test_killed_search_resumes_and_exports_best_over_all_trials(tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr
 
     resumed = subprocess.run(
-        [*cmd, "--resume"], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600
-    )
+        [*cmd, "--resume", "--json"],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     table = pd.read_csv(tmp_path / "runs" / "resume" / "summary.csv")
     assert len(table) == 3 and set(table["status"]) == {"done"}, table
     assert (table["epochs"] == 4).all()
     best = table.loc[table["best_val_neg_elbo"].idxmin()]
-    assert f"best trial {best['trial_id']}" in resumed.stdout
+    assert f"best trial {best['trial_id']}" in resumed.stderr  # --json: people's lines on stderr
+    summary = json.loads(resumed.stdout)  # and nothing but the JSON on stdout, Ray's lines neither
+    assert summary["best_trial"] == best["trial_id"] and summary["metric"] == "val_neg_elbo"
+    assert summary["best_val_neg_elbo"] == pytest.approx(best["best_val_neg_elbo"])
+    assert [t["trial_id"] for t in summary["trials"]] == list(table["trial_id"])
+    assert summary["export"] == str(tmp_path / "export")
     load_model(tmp_path / "export")
 
 

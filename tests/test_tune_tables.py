@@ -16,7 +16,7 @@ import ray
 from raytrain_vae.config import Config, ConfigError, UserError, load_config, validate_config
 from raytrain_vae.search_results import best_trial, pareto_front, trial_table
 from raytrain_vae.search_space import Param, parse_space
-from raytrain_vae.train import user_error_from
+from raytrain_vae.training import user_error_from
 from raytrain_vae.trial import (
     TRIAL_DRIVER_CPUS,
     concurrent_trials,
