@@ -9,6 +9,12 @@ IWAE bound with k importance samples is computed on the first --iwae-images test
     python benchmarks/quality.py                  # full Fashion-MNIST, 10 epochs (~15 min, 2 cores)
     python benchmarks/quality.py --smoke          # a few hundred images, seconds of work
     python benchmarks/quality.py --parquet-stream # also: the same images as Parquet, streamed
+    python benchmarks/quality.py --hierarchical configs/hierarchical.yaml   # and that model
+
+With --hierarchical CONFIG, a second project model (model.type: hierarchical) is trained in the
+same run on the same data, epochs and batch size, and scored the same way; its row adds the
+mean epoch time against the default's (the slowest rank's training and validation seconds,
+Ray's start-up excluded), and the KL of each of its levels on the test split.
 
 With --parquet-stream, the project's model is trained a second time from the same training-split
 images written as Parquet and streamed by Ray Data (data.ingest: stream; validation held out by
@@ -30,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raytrain_vae.checkpoint import read_state
 from raytrain_vae.config import load_config
 from raytrain_vae.data import load_splits, to_model_input
 from raytrain_vae.evaluation import evaluate
@@ -138,6 +145,43 @@ def train_project(cfg) -> tuple[list[Path], float]:
     return [path for _, path in by_epoch], wall
 
 
+def mean_epoch_seconds(checkpoint: Path) -> float:
+    """Mean over the run's epochs of the slowest rank's epoch time (training + validation)."""
+    history = read_state(checkpoint).history
+    return sum(h["epoch_s"] for h in history) / len(history)
+
+
+def hierarchical_row(cfg, args, splits, iwae_images, conv_epoch_s: float) -> dict:
+    """Train and score the --hierarchical config with the same data, epochs and batch size."""
+    deep = load_config(args.hierarchical, [
+        f"train.epochs={args.epochs}", f"train.batch_size={cfg.train.batch_size}",
+        f"train.seed={cfg.train.seed}", f"run.storage_path={cfg.run.storage_path}",
+        f"run.name={cfg.run.name}-hierarchical", f"run.checkpoints_to_keep={args.epochs}",
+        *(["data.limit=600"] if args.smoke else []),
+    ])  # fmt: skip
+    print(f"training {args.hierarchical} through Ray Train ...", flush=True)
+    checkpoints, wall = train_project(deep)
+    curve = [
+        evaluate(load_model_dir(c)[0], splits.test, k=0, batch_size=1000)["neg_elbo"]
+        for c in checkpoints
+    ]
+    model = load_model_dir(checkpoints[-1])[0]
+    scored = evaluate(model, splits.test, k=0, batch_size=1000)
+    iwae = evaluate(model, iwae_images, k=args.iwae_k, batch_size=10)["iwae_nll"]
+    epoch_s = mean_epoch_seconds(checkpoints[-1])
+    return {
+        "config": deep.model_dump(mode="json"),
+        "curve": curve,
+        "iwae_nll": iwae,
+        "seconds": wall,
+        "epoch_s": epoch_s,
+        "epoch_time_ratio": epoch_s / conv_epoch_s,
+        "kl_per_level": scored["kl_per_level"],
+        "active_units": scored["active_units"],
+        "units": scored["units"],
+    }
+
+
 def write_parquet(images: torch.Tensor, path: Path, rows_per_group: int = 2048) -> None:
     """uint8 (N, 1, 28, 28) images as a Parquet `pixels` list column in row groups."""
     import pyarrow as pa
@@ -225,6 +269,9 @@ def main() -> None:
     parser.add_argument(
         "--parquet-stream", action="store_true", help="also train from a Parquet stream"
     )
+    parser.add_argument(
+        "--hierarchical", help="also train and score this config (model.type: hierarchical)"
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value for the project's config")
     args = parser.parse_args()
     if args.smoke:
@@ -288,6 +335,25 @@ def main() -> None:
         )
     gap = ours_curve[-1] - ref_curve[-1]
     print(f"gap after {args.epochs} epochs (raytrain_vae - reference): {gap:+.2f} nats")
+    deep = None
+    if args.hierarchical:
+        conv_epoch_s = mean_epoch_seconds(checkpoints[-1])
+        deep = hierarchical_row(cfg, args, splits, iwae_images, conv_epoch_s)
+        print(
+            f"raytrain_vae {Path(args.hierarchical).name} (Ray Train) | {args.epochs} | "
+            f"{deep['curve'][-1]:.2f} | {deep['iwae_nll']:.2f} | "
+            f"{bits_per_dim(deep['iwae_nll'], dims):.4f} | {deep['seconds']:.0f} s"
+        )
+        print(
+            f"hierarchical epoch time {deep['epoch_s']:.1f} s = {deep['epoch_time_ratio']:.2f}x "
+            f"the default's {conv_epoch_s:.1f} s (limit 3x); test neg ELBO "
+            f"{deep['curve'][-1] - ours_curve[-1]:+.2f} nats against the default (line: 230)"
+        )
+        kl = ", ".join(
+            f"{name} {value:.2f} ({deep['active_units'][name]}/{deep['units'][name]} active)"
+            for name, value in deep["kl_per_level"].items()
+        )
+        print(f"hierarchical KL per level (nats, test split): {kl}")
     if args.parquet_stream:
         stream_curve, stream_wall = train_from_parquet_stream(
             cfg, splits.test, Path(tempfile.mkdtemp(prefix="quality-parquet-"))
@@ -303,11 +369,10 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_curves(
-        {"MLP VAE (reference)": ref_curve, "raytrain_vae default": ours_curve},
-        floor,
-        out / "curves.png",
-    )
+    curves = {"MLP VAE (reference)": ref_curve, "raytrain_vae default": ours_curve}
+    if deep is not None:
+        curves["raytrain_vae hierarchical"] = deep["curve"]
+    plot_curves(curves, floor, out / "curves.png")
     results = {
         "machine": machine(),
         "epochs": args.epochs,
@@ -317,6 +382,7 @@ def main() -> None:
         "iwae": {"k": args.iwae_k, "images": len(iwae_images)},
         "gap": gap,
         "config": cfg.model_dump(mode="json"),
+        "hierarchical": deep,
     }
     (out / "quality.json").write_text(json.dumps(results, indent=1))
     print(f"curves: {out / 'curves.png'}  results: {out / 'quality.json'}")

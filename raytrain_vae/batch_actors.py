@@ -20,7 +20,7 @@ from raytrain_vae.ingest import READ_TASK_CPUS
 from raytrain_vae.input_rows import InputPlan, InputUnit, fixed_size_list, read_input_unit
 from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.models import VAE
-from raytrain_vae.objectives import kl_to_standard_normal, reconstruction_nll
+from raytrain_vae.objectives import reconstruction_nll
 from raytrain_vae.perf.heap import retain_freed_memory
 from raytrain_vae.runtime import RAY_DATA_ERROR_LOGGERS, ResourceError
 
@@ -96,8 +96,10 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ids = batch["id"]
-        z = latents_for(ids, self.model.cfg.latent_dim, self.seed) * self.temperature
-        images = to_uint8(self.model.mean_image(self.model.decode(z.to(self.device))))
+        noise = latents_for(ids, self.model.noise_size, self.seed)
+        out = self.model.generate(noise.to(self.device), self.temperature)
+        images = to_uint8(self.model.mean_image(out))
+        z = noise[:, : self.model.latent_dim] * self.temperature  # the top level's z
         columns = {
             "id": pa.array(ids, pa.int64()),
             "latent": fixed_size_list(z.numpy().astype(np.float32)),
@@ -112,11 +114,14 @@ class Encoder:
     """Ray Data actor: encodes image rows; with reconstruct=True also decodes and scores them.
 
     neg_elbo is a one-sample estimate whose noise is seeded by (seed, id), so it does not depend
-    on batching; recon_nll is -log p(x|z) at the posterior mean z = mu."""
+    on batching; recon_nll is -log p(x|z) at the posterior means (every level); latent_mu and
+    latent_logvar are the top level's."""
 
-    def __init__(self, model_dir: str, seed: int, reconstruct: bool) -> None:
+    def __init__(
+        self, model_dir: str, seed: int, reconstruct: bool, all_levels: bool = False
+    ) -> None:
         self.model, self.device = load_actor_model(model_dir)
-        self.seed, self.reconstruct = seed, reconstruct
+        self.seed, self.reconstruct, self.all_levels = seed, reconstruct, all_levels
 
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -124,19 +129,25 @@ class Encoder:
         flat = batch.column("pixels").combine_chunks().flatten().to_numpy()
         x = torch.from_numpy(flat.reshape(len(ids), *self.model.image_shape).copy())
         x = x.to(self.device).float() / 255
-        mu, logvar = self.model.encode(x)
+        up = self.model.bottom_up(x)
+        mu, logvar = up[0], up[1]  # the top level's posterior
         columns = {"id": pa.array(ids, pa.int64())}
         for passed in ("source", "label"):  # where each row came from, and its label
             if passed in batch.column_names:
                 columns[passed] = batch.column(passed)
         columns["latent_mu"] = fixed_size_list(mu.cpu().numpy().astype(np.float32))
         columns["latent_logvar"] = fixed_size_list(logvar.cpu().numpy().astype(np.float32))
+        mean = self.model.mean_pass(x) if self.reconstruct or self.all_levels else None
+        if self.all_levels:
+            for name, means in zip(self.model.level_names[1:], mean.means[1:], strict=True):
+                columns[f"latent_mu_{name}"] = fixed_size_list(
+                    means.cpu().numpy().astype(np.float32)
+                )
         if self.reconstruct:
-            out = self.model.decode(mu)
-            eps = latents_for(ids, mu.shape[1], self.seed).to(self.device)
-            sampled = self.model.decode(mu + eps * torch.exp(0.5 * logvar))
-            kl = kl_to_standard_normal(mu, logvar)
-            neg_elbo = reconstruction_nll(self.model, sampled, x) + kl
+            out = mean.out
+            eps = latents_for(ids, self.model.noise_size, self.seed).to(self.device)
+            sampled = self.model.top_down(up, 1, eps[None])
+            neg_elbo = reconstruction_nll(self.model, sampled.out, x) + sampled.kl[0]
             images = to_uint8(self.model.mean_image(out))
             columns["reconstruction"] = pa.array([png_bytes(im) for im in images], pa.binary())
             columns["recon_nll"] = pa.array(reconstruction_nll(self.model, out, x).cpu().numpy())

@@ -8,16 +8,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from raytrain_vae.cli import JSON_HELP, HelpFormatter, Progress, check_flag, print_json, run_cli
 from raytrain_vae.config import SEED_LIMIT, UserError
 from raytrain_vae.data import split_images, to_model_input
+from raytrain_vae.diagnostics import UnitActivity, latent_diagnostics
 from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.models import VAE
 from raytrain_vae.models.sizing import check_fits_memory, training_memory_bytes
-from raytrain_vae.objectives import bits_per_dim, elbo_terms, iwae_nll
+from raytrain_vae.objectives import bits_per_dim, iwae_nll, reconstruction_nll
 from raytrain_vae.outputs import check_output_file, write_file_atomically
 from raytrain_vae.perf.heap import retain_freed_memory
 
@@ -35,18 +37,23 @@ def evaluate(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: Callable[[int], None] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Metrics per image in nats over uint8 images (N, C, H, W); k = 0 skips the IWAE bound.
+    Also the KL per level and per latent group, and the active units of each level.
     progress, if given, hears the number of images scored after each batch."""
     torch.manual_seed(seed)
     model = model.to(device).eval()
     sums = {"recon": 0.0, "kl": 0.0, "iwae": 0.0, "mse": 0.0}
+    kl_groups, activity = 0.0, UnitActivity()
     for start in range(0, len(images), batch_size):
         x = to_model_input(images[start : start + batch_size].to(device), False)
-        recon, kl = elbo_terms(model, x)
-        sums["recon"] += recon.sum().item()
-        sums["kl"] += kl.sum().item()
-        sums["mse"] += (model.reconstruct(x) - x).pow(2).flatten(1).mean(1).sum().item()
+        p = model(x)
+        sums["recon"] += reconstruction_nll(model, p.out, x).sum().item()
+        sums["kl"] += p.kl[0].sum().item()
+        kl_groups = kl_groups + p.kl_groups[0].double().sum(dim=0)
+        mean = model.mean_pass(x)
+        activity.add(mean.means)
+        sums["mse"] += (model.mean_image(mean.out) - x).pow(2).flatten(1).mean(1).sum().item()
         if k:
             sums["iwae"] += iwae_nll(model, x, k).sum().item()
         if progress is not None:
@@ -68,7 +75,7 @@ def evaluate(
             "bits_per_dim": bits_per_dim(sums["iwae"] / n, dims),
         }
     metrics["bits_per_dim_means"] = model.likelihood.bits_per_dim_meaning
-    return metrics
+    return metrics | latent_diagnostics(model, kl_groups / n, activity)
 
 
 def evaluate_export(
@@ -169,6 +176,11 @@ def metric_lines(model: str, m: dict) -> list[str]:
             f"  (k = {m['iwae_k']}, an upper bound on the true NLL)"
         )
     lines.append(f"  reconstruction MSE {m['reconstruction_mse']:.5f} (pixels in [0, 1])")
+    for name, kl in m["kl_per_level"].items():
+        lines.append(
+            f"  level {name:<10} KL {kl:8.3f} nats  active units {m['active_units'][name]}/"
+            f"{m['units'][name]} (posterior mean variance > 0.01)"
+        )
     lines.append(f"  bits/dim: {m['bits_per_dim_means']}")
     return lines
 

@@ -43,14 +43,16 @@ def _data_spec(cfg: Config, shape: tuple[int, int, int]) -> str:
 
 def _model_card(cfg: Config, metrics: dict[str, Any], shape: tuple[int, int, int]) -> str:
     m = cfg.model
+    family = "HierarchicalVAE" if m.type == "hierarchical" else "ConvVAE"
+    levels = "".join(f", level {lv.channels}x{lv.size}x{lv.size}" for lv in m.levels)
     lines = [
-        "# ConvVAE exported by raytrain_vae",
+        f"# {family} exported by raytrain_vae",
         "",
         _data_spec(cfg, shape),
         f"Likelihood {m.likelihood} (bits/dim: "
         f"{likelihood_for(m.likelihood, m.mixture_components).bits_per_dim_meaning}); "
         f"latent_dim {m.latent_dim}, channels {m.channels}, kernel {m.kernel_size}, hidden "
-        f"{m.hidden_dim}.",
+        f"{m.hidden_dim}{levels}.",
         f"Trained {metrics.get('epoch', '?')} epochs, batch {cfg.train.batch_size}, "
         f"lr {cfg.train.lr:g}, beta {cfg.train.beta:g}.",
         "",

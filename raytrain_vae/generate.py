@@ -124,6 +124,7 @@ def sample(
     started: Callable[[], None] | None = None,
 ) -> int:
     """Write num_samples generated rows as Parquet into output; returns the row count.
+    all_levels: also every lower level's posterior mean (hierarchical models), a column each.
     started: called when Ray is up and the job's resources are granted."""
     options = JobOptions(batch_size, concurrency, num_gpus, overwrite, resource_wait_s, started)
     check_flag("--num-samples", num_samples, 1, MAX_SAMPLES)
@@ -146,6 +147,7 @@ def encode_images(
     split: str = "test",
     input_path: str | None = None,
     reconstruct: bool = True,
+    all_levels: bool = False,
     seed: int = 0,
     batch_size: int = 1024,
     concurrency: int = 1,
@@ -159,7 +161,12 @@ def encode_images(
     options = JobOptions(batch_size, concurrency, num_gpus, overwrite, resource_wait_s, started)
     out = _check_job(output, options, seed)
     check_model_fits(model_dir, options)
-    kwargs = {"model_dir": str(Path(model_dir).resolve()), "seed": seed, "reconstruct": reconstruct}
+    kwargs = {
+        "model_dir": str(Path(model_dir).resolve()),
+        "seed": seed,
+        "reconstruct": reconstruct,
+        "all_levels": all_levels,
+    }
     if input_path is None:
         dataset_fn = split_dataset(read_inputs(model_dir, split, None), batch_size)
     else:
@@ -231,6 +238,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             help="the model's own data split (when no --input)",
         )
         p.add_argument("--input", help="Parquet file/dir (image or pixels column) or PNG folder")
+        p.add_argument(
+            "--all-levels",
+            action="store_true",
+            help="hierarchical models: also each lower level's posterior mean, as a column "
+            "latent_mu_<channels>x<height>x<width> (latent_mu is the top level's)",
+        )
     return parser
 
 
@@ -255,7 +268,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     else:
         rows = encode_images(
             args.model, args.output, args.split, args.input, args.command == "reconstruct",
-            **common,
+            args.all_levels, **common,
         )  # fmt: skip
     end = time.perf_counter()
     where = Path(args.output).expanduser().resolve()

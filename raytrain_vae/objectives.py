@@ -1,4 +1,4 @@
-"""The VAE objective in nats per image: reconstruction NLL + beta * closed-form KL; bits/dim."""
+"""The VAE objective in nats per image: reconstruction NLL + beta * KL, the IWAE bound; bits/dim."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import math
 
 import torch
 
-from raytrain_vae.likelihoods import LOG_2PI
-from raytrain_vae.models import VAE
+from raytrain_vae.models import VAE, Pass
+from raytrain_vae.models.base import standard_normal_kl
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) per image, summed over latent dims: shape (B,)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+    return standard_normal_kl(mu, logvar).sum(dim=1)
 
 
 def reconstruction_nll(model: VAE, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -24,32 +24,23 @@ def elbo_terms(model: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """One-sample estimate of (reconstruction NLL, KL) per image; negative ELBO = their sum.
 
     `model` may be a DDP wrapper: its forward is what synchronises gradients."""
-    out, mu, logvar, _ = model(x)
+    p = model(x)
     vae = getattr(model, "module", model)
-    return reconstruction_nll(vae, out, x), kl_to_standard_normal(mu.float(), logvar.float())
+    return reconstruction_nll(vae, p.out, x), p.kl[0]
 
 
-def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
-    """The KL term of the free-bits objective: sum over latent dims of max(free_bits, batch-mean
-    KL of that dim). A dim below the floor gets no gradient, so it is not pushed to collapse."""
-    per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean(dim=0)
-    return per_dim.clamp(min=free_bits).sum()
+def free_bits_kl(kl_groups: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """The KL term of the free-bits objective: sum over latent groups (a dim of the top z, a
+    channel of a lower level) of max(free_bits, batch-mean KL of that group), for (B, G). A
+    group below the floor gets no gradient, so it is not pushed to collapse."""
+    return kl_groups.mean(dim=0).clamp(min=free_bits).sum()
 
 
-def log_importance_weights(
-    model: VAE,
-    out: torch.Tensor,
-    x: torch.Tensor,
-    z: torch.Tensor,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-) -> torch.Tensor:
-    """log p(x|z_s) + log p(z_s) - log q(z_s|x), shape (S, B), for z (S, B, D) decoded to out."""
-    s, b = z.shape[:2]
-    log_px_z = -reconstruction_nll(model, out, x.repeat(s, 1, 1, 1)).view(s, b)
-    z, mu, logvar = z.float(), mu.float(), logvar.float()
-    zero = torch.zeros_like(mu)
-    return log_px_z + log_normal(z, zero, zero) - log_normal(z, mu, logvar)
+def log_importance_weights(model: VAE, p: Pass, x: torch.Tensor) -> torch.Tensor:
+    """log p(x|z_s) + log p(z_s) - log q(z_s|x), shape (S, B), for a pass of S draws."""
+    s, b = p.kl.shape
+    log_px_z = -reconstruction_nll(model, p.out, x.repeat(s, 1, 1, 1)).view(s, b)
+    return log_px_z + p.log_prior - p.log_posterior
 
 
 def training_loss(
@@ -65,16 +56,15 @@ def training_loss(
     IWAE bound -log (1/k) sum_s w_s, which tightens the ELBO; recon and KL are then reported as
     averages over the k draws, for logging. `model` may be a DDP wrapper."""
     vae = getattr(model, "module", model)
-    out, mu, logvar, z = model(x, samples=iwae_k)
-    kl = kl_to_standard_normal(mu.float(), logvar.float())
+    p = model(x, samples=iwae_k)
     if iwae_k == 1:
-        recon = reconstruction_nll(vae, out, x)
-        kl_term = free_bits_kl(mu.float(), logvar.float(), free_bits) if free_bits else kl.mean()
+        recon, kl = reconstruction_nll(vae, p.out, x), p.kl[0]
+        kl_term = free_bits_kl(p.kl_groups[0], free_bits) if free_bits else kl.mean()
         return recon.mean() + kl_weight * kl_term, recon, kl
-    log_w = log_importance_weights(vae, out, x, z, mu, logvar)
+    log_w = log_importance_weights(vae, p, x)
     bound = torch.logsumexp(log_w, dim=0) - math.log(iwae_k)
-    recon = reconstruction_nll(vae, out.detach(), x.repeat(iwae_k, 1, 1, 1)).view(iwae_k, -1)
-    return -bound.mean(), recon.mean(dim=0), kl
+    recon = reconstruction_nll(vae, p.out.detach(), x.repeat(iwae_k, 1, 1, 1)).view(iwae_k, -1)
+    return -bound.mean(), recon.mean(dim=0), p.kl.detach().mean(dim=0)
 
 
 def kl_weight(step: int, steps_per_epoch: int, beta: float, warmup_epochs: float) -> float:
@@ -89,11 +79,6 @@ def bits_per_dim(nats_per_image: float, num_dims: int) -> float:
     return nats_per_image / (num_dims * math.log(2))
 
 
-def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, exp(logvar)) summed over the last dim."""
-    return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(dim=-1)
-
-
 @torch.no_grad()
 def iwae_nll(model: VAE, x: torch.Tensor, k: int, max_decodes: int = 1024) -> torch.Tensor:
     """Importance-weighted estimate of -log p(x) per image with k samples of q(z|x), in nats.
@@ -105,15 +90,14 @@ def iwae_nll(model: VAE, x: torch.Tensor, k: int, max_decodes: int = 1024) -> to
     retained heap reuses them; 4096 page-faulted every chunk in and ran at half the speed."""
     if k < 1:
         raise ValueError(f"iwae_nll needs k >= 1 samples (got {k})")
-    mu, logvar = model.encode(x)
+    up = model.bottom_up(x)
     b = len(x)
     chunk = max(1, max_decodes // b)
     total = torch.full((b,), -math.inf, device=x.device)
     done = 0
     while done < k:
         c = min(chunk, k - done)
-        z = model.reparameterize(mu, logvar, c)  # (c, b, d)
-        log_w = log_importance_weights(model, model.decode(z.flatten(0, 1)), x, z, mu, logvar)
+        log_w = log_importance_weights(model, model.top_down(up, c), x)
         total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
         done += c
     return -(total - math.log(k))

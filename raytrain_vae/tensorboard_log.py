@@ -70,7 +70,7 @@ class Board:
         try:
             with warnings.catch_warnings():  # torch.jit.trace: deprecation and tracer notices
                 warnings.simplefilter("ignore")
-                self.writer.add_graph(MeanPass(model), example)
+                self.writer.add_graph(GraphPass(model), example)
         except Exception as exc:  # noqa: BLE001 - a model torch.jit cannot trace has no graph
             self._warn(exc, "the model graph")
 
@@ -94,16 +94,15 @@ class Board:
             )
 
 
-class MeanPass(torch.nn.Module):
-    """The model's deterministic path for its graph: encode, decode the posterior mean."""
+class GraphPass(torch.nn.Module):
+    """The model's deterministic path for its graph: encode, decode the posterior means."""
 
     def __init__(self, model: VAE) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mu, _ = self.model.encode(x)
-        return self.model.mean_image(self.model.decode(mu))
+        return self.model.mean_image(self.model.mean_pass(x).out)
 
 
 class eval_mode:  # noqa: N801 - used as a context manager, like torch.no_grad

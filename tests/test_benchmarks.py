@@ -108,7 +108,7 @@ def run_smoke(script: str, *args: str) -> str:
 
 @pytest.mark.slow
 def test_quality_smoke_prints_every_figure(tmp_path):
-    out = run_smoke("quality.py", "--out", str(tmp_path))
+    out = run_smoke("quality.py", "--out", str(tmp_path), "--hierarchical", "hierarchical")
     for pattern in (
         r"binarization entropy of the test images .*: \d+\.\d+ nats",
         r"\n\s+1\s+\d+\.\d+\s+\d+\.\d+\s+[+-]\d+\.\d+",  # epoch 1: reference, ours, gap
@@ -116,10 +116,26 @@ def test_quality_smoke_prints_every_figure(tmp_path):
         r"MLP VAE 784-400-20 \(plain loop\) \| 2 \| \d+\.\d+ \| \d+\.\d+ \| 0\.\d+ \| \d+ s",
         r"raytrain_vae vae\.yaml \(Ray Train\) \| 2 \| \d+\.\d+ \| \d+\.\d+ \| 0\.\d+ \| \d+ s",
         r"gap after 2 epochs \(raytrain_vae - reference\): [+-]\d+\.\d+ nats",
+        r"raytrain_vae hierarchical \(Ray Train\) \| 2 \| \d+\.\d+ \| \d+\.\d+ \| 0\.\d+ \| \d+ s",
+        r"hierarchical epoch time \d+\.\d s = \d+\.\d\dx the default's \d+\.\d s \(limit 3x\)",
+        r"hierarchical KL per level \(nats, test split\): top \d+\.\d\d \(\d+/\d+ active\), ",
     ):
         assert re.search(pattern, out), (pattern, out[-3000:])
     assert (tmp_path / "curves.png").stat().st_size > 0
-    assert json.loads((tmp_path / "quality.json").read_text())["epochs"] == 2
+    results = json.loads((tmp_path / "quality.json").read_text())
+    assert results["epochs"] == 2 and len(results["hierarchical"]["curve"]) == 2
+
+
+@pytest.mark.slow
+def test_model_variants_smoke_prints_every_figure():
+    out = run_smoke("model_variants.py")
+    for pattern in (
+        r"hierarchical, 16x7x7 \+ 8x14x14: model.type=hierarchical",
+        r"epoch 1: test neg ELBO \d+\.\d\d  KL per level \d+\.\d \+ \d+\.\d \+ \d+\.\d  ",
+        r"conv \(default\) \| \d+\.\d\d \| \+0\.00 \| 1\.00x",
+        r"hierarchical, 16x7x7 \+ 8x14x14 \| \d+\.\d\d \| [+-]\d+\.\d\d \| \d+\.\d\dx",
+    ):
+        assert re.search(pattern, out), (pattern, out[-3000:])
 
 
 @pytest.mark.slow

@@ -28,8 +28,9 @@ from raytrain_vae.data import load_splits
 from raytrain_vae.evaluation import evaluate
 from raytrain_vae.export import export_model, load_model
 from raytrain_vae.model_io import load_model_dir
+from raytrain_vae.models.base import log_normal
 from raytrain_vae.models.conv import ConvVAE
-from raytrain_vae.objectives import elbo_terms, iwae_nll, log_normal
+from raytrain_vae.objectives import elbo_terms, iwae_nll
 from raytrain_vae.perf.heap import MMAP_THRESHOLD_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +44,10 @@ ELBO_KEYS = {
     "elbo_bits_per_dim",
     "reconstruction_mse",
     "bits_per_dim_means",
+    "kl_per_level",
+    "kl_per_group",
+    "active_units",
+    "units",
 }
 IWAE_KEYS = {"iwae_k", "iwae_nll", "bits_per_dim"}
 MC_TOL = 0.5  # nats per image, for means over a batch of images
@@ -257,6 +262,10 @@ def test_evaluate_metrics_keys_and_identities(trained):
     assert set(m) == ELBO_KEYS | IWAE_KEYS
     assert m["images"] == 40 and m["iwae_k"] == 8
     assert m["neg_elbo"] == pytest.approx(m["recon"] + m["kl"], rel=1e-9)
+    latent_dim = model.cfg.latent_dim  # the conv family: one level, "top"
+    assert m["units"] == {"top": latent_dim} and 0 <= m["active_units"]["top"] <= latent_dim
+    assert m["kl_per_level"]["top"] == pytest.approx(m["kl"], rel=1e-6)
+    assert sum(m["kl_per_group"]["top"]) == pytest.approx(m["kl"], rel=1e-3)
     assert m["elbo_bits_per_dim"] == pytest.approx(m["neg_elbo"] / (PIXELS * math.log(2)))
     assert m["bits_per_dim"] == pytest.approx(m["iwae_nll"] / (PIXELS * math.log(2)))
     assert m["kl"] > 0 and m["recon"] > 0 and 0 <= m["reconstruction_mse"] <= 1
@@ -381,9 +390,13 @@ def test_cli_evaluates_an_exported_model(exported, tmp_path):
     test = load_splits(load_config(exported / "config.yaml").data).test[:8]
     expected = evaluate(model, test, k=4, batch_size=100, seed=0)
     for key in ELBO_KEYS | IWAE_KEYS:
-        if key != "bits_per_dim_means":
+        if isinstance(expected[key], float | int):
             assert metrics[key] == pytest.approx(expected[key], rel=1e-4), key
-    assert metrics["bits_per_dim_means"] == expected["bits_per_dim_means"]
+    for key in ("bits_per_dim_means", "active_units", "units"):
+        assert metrics[key] == expected[key], key
+    assert metrics["kl_per_group"]["top"] == pytest.approx(
+        expected["kl_per_group"]["top"], abs=2e-4
+    )
     assert f"negative ELBO  {metrics['neg_elbo']:10.3f} nats/image" in stderr  # with --json
 
     proc, stdout, stderr = results["human"]  # without --json: lines for people on stdout

@@ -18,6 +18,7 @@ LOWER = {
     "models",
     "model_io",
     "objectives",
+    "diagnostics",
     "data",
     "perf",
     "checkpoint",

@@ -48,9 +48,10 @@ def test_conv_vae_shapes(channels, kernel_size, image_shape):
     out = model.decode(mu)
     assert out.shape == (batch, *image_shape)
 
-    out, mu2, logvar2, _ = model(x)
-    assert out.shape == (batch, *image_shape)
-    assert torch.allclose(mu2, mu) and torch.allclose(logvar2, logvar)
+    p = model(x)
+    assert p.out.shape == (batch, *image_shape) and p.kl.shape == (1, batch)
+    torch.testing.assert_close(p.kl[0], kl_to_standard_normal(mu, logvar))
+    assert p.kl_groups.shape == (1, batch, latent)
 
     samples = model.sample(7, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (7, *image_shape)
@@ -67,8 +68,8 @@ def test_likelihoods_and_no_hidden_layer(likelihood, hidden_dim):
     model = make_model((1, 12, 10), channels=[4, 8], hidden_dim=hidden_dim, likelihood=likelihood)
     assert hasattr(model, "log_sigma") == (likelihood == "gaussian")
     x = torch.rand(2, 1, 12, 10)
-    out, mu, logvar, _ = model(x)
-    assert out.shape == x.shape and mu.shape == (2, 16)
+    out = model(x).out
+    assert out.shape == x.shape and model.encode(x)[0].shape == (2, 16)
     samples = model.sample(4, temperature=3.0)
     assert samples.shape == (4, 1, 12, 10)
     assert float(samples.min()) >= 0.0 and float(samples.max()) <= 1.0

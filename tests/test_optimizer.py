@@ -12,8 +12,8 @@ from raytrain_vae.optim import make_optimizer
 
 
 def _step(model: ConvVAE, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> None:
-    out, mu, logvar, _ = model(x)
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(out, x) + mu.pow(2).mean()
+    p = model(x)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(p.out, x) + p.kl.mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

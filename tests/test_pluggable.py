@@ -13,7 +13,7 @@ import raytrain_vae.data as data
 from raytrain_vae.config import ConfigError, DataSection, ModelSection
 from raytrain_vae.data.source import DataSource, RawData
 from raytrain_vae.likelihoods import LIKELIHOODS, Bernoulli, Gaussian, likelihood_for
-from raytrain_vae.models import MODEL_FAMILIES, build_model
+from raytrain_vae.models import MODEL_FAMILIES, HierarchicalVAE, build_model
 from raytrain_vae.models.conv import ConvVAE
 
 
@@ -90,7 +90,11 @@ def test_the_model_registers_the_likelihoods_parameters_under_their_own_names():
 
 
 def test_model_type_chooses_the_family_and_unknown_families_are_refused():
-    assert {"conv": ConvVAE} == MODEL_FAMILIES
+    assert {"conv": ConvVAE, "hierarchical": HierarchicalVAE} == MODEL_FAMILIES
+    deep = tiny_config("model.type=hierarchical", "model.levels=[{size: 7, channels: 2}]")
+    assert type(build_model(deep.model, (1, 28, 28))) is HierarchicalVAE
+    with pytest.raises(ConfigError, match="model.levels: only model.type hierarchical"):
+        tiny_config("model.levels=[{size: 7, channels: 2}]")
     assert type(build_model(tiny_config("model.type=conv").model, (1, 28, 28))) is ConvVAE
     assert tiny_config().model.type == "conv"  # old config.yaml files without the key
     with pytest.raises(ConfigError, match="model.type"):

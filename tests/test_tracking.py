@@ -252,6 +252,9 @@ def test_a_search_tracker_nests_trials_and_keeps_its_place_when_resumed(tmp_path
     tracker.on_trial_result(0, [], stopped, {"epoch": 1, "val_neg_elbo": 400.0, "trial_id": "b"})
     tracker.on_trial_complete(0, [], stopped)
     tracker.on_trial_error(0, [], failed)
+    # The interrupted search's process ends (here: its sender finishes) before the resume; two
+    # senders writing one sqlite store at once would lock each other out.
+    tracker._sink.close(60)
 
     # Tune pickles the callback with the experiment and restores its state on resume.
     resumed = pickle.loads(pickle.dumps(tracker))
@@ -265,7 +268,6 @@ def test_a_search_tracker_nests_trials_and_keeps_its_place_when_resumed(tmp_path
     front = [tmp_path / "pareto.csv", tmp_path / "pareto.png"]
     for file in front:
         file.write_bytes(b"front")
-    tracker._sink.close(60)
     best = pd.Series({"trial_id": "a", "best_val_neg_elbo": 297.0})
     assert resumed.finish_search(best, export, front) is None  # no register_as
 

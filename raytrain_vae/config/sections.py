@@ -15,9 +15,28 @@ from raytrain_vae.config.base import (
 )
 
 
+class LevelSection(Section):
+    size: int = Field(
+        gt=1,
+        le=WIDTH_LIMIT,
+        description="Side (height) of the level's latent maps: one of the decoder's resolutions "
+        "below the image's (28x28 with two conv layers: 7 or 14).",
+    )
+    channels: int = Field(gt=0, le=WIDTH_LIMIT, description="Latent channels at that level.")
+
+
 class ModelSection(Section):
-    type: Literal["conv"] = Field(
-        "conv", description="Model family; `conv` (the convolutional VAE) today."
+    type: Literal["conv", "hierarchical"] = Field(
+        "conv",
+        description="Model family: `conv` (one dense latent z) or `hierarchical` (that z on "
+        "top, and the spatial latent levels of model.levels below it).",
+    )
+    levels: list[LevelSection] = Field(
+        [],
+        max_length=64,
+        description="hierarchical: the stochastic levels below the top z, top to bottom, each "
+        "{size, channels}: a prior from the layers above, a posterior that corrects it from the "
+        "encoder's features at that resolution. [] = the conv model.",
     )
     channels: list[int] = Field(
         [32, 64], description="Encoder conv channels, each layer stride 2; decoder mirrors them."
@@ -59,6 +78,12 @@ class ModelSection(Section):
         description="If > 0, the last upsampling outputs this many full-resolution feature maps "
         "and a 3x3 conv turns them into pixels; 0 = the last upsampling outputs pixels.",
     )
+
+    @model_validator(mode="after")
+    def _levels_need_hierarchical(self) -> ModelSection:
+        if self.levels and self.type != "hierarchical":
+            raise ValueError("model.levels: only model.type hierarchical has levels")
+        return self
 
     @field_validator("channels")
     @classmethod

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from raytrain_vae.config import ConfigError, ModelSection
 from raytrain_vae.likelihoods import likelihood_for
+from raytrain_vae.models.base import (
+    MeanPass,
+    Pass,
+    log_normal,
+    standard_normal_kl,
+    temperatures,
+)
 from raytrain_vae.perf.elu import ELU
 
 ACTIVATIONS = {"relu": nn.ReLU, "elu": ELU, "silu": nn.SiLU}
@@ -126,12 +134,21 @@ class ConvVAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, latent_dim) -> parameters of p(x|z), (B, C, H, W): logits or Gaussian means."""
+        return self.decode_through(z, None)
+
+    def decode_through(
+        self, z: torch.Tensor, at_stage: Callable[[int, torch.Tensor], torch.Tensor] | None
+    ) -> torch.Tensor:
+        """The decoder from the top z, with at_stage(i, h) (if given) applied to the features
+        of stage i, at that stage's resolution, before its blocks and upsampling."""
         h = self.decoder_dense(z).view(-1, *self._feature_shape)
         sizes = list(reversed(self._sizes[:-1]))
         last = len(self.decoder_convs) - 1
         for i, (blocks, conv, size) in enumerate(
             zip(self.decoder_blocks, self.decoder_convs, sizes, strict=True)
         ):
+            if at_stage is not None:
+                h = at_stage(i, h)
             h = conv(blocks(h), output_size=size)
             if i < last or self.decoder_head is not None:
                 h = self.act(h)
@@ -139,14 +156,65 @@ class ConvVAE(nn.Module):
             h = self.decoder_head(h)
         return h
 
-    def forward(
-        self, x: torch.Tensor, samples: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stochastic pass with `samples` draws of z per image: (decoder output for every draw,
-        (samples * B, C, H, W) sample-major; mu, logvar (B, latent_dim); z (samples, B, latent))."""
-        mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar, samples)
-        return self.decode(z.flatten(0, 1)), mu, logvar, z
+    # --- the interface every family offers (raytrain_vae.models) ---------------------------
+
+    level_names: tuple[str, ...] = ("top",)
+
+    @property
+    def latent_dim(self) -> int:
+        """Size of the top level's z: what encode returns and decode takes."""
+        return self.cfg.latent_dim
+
+    @property
+    def noise_size(self) -> int:
+        """Standard normal numbers one image's latents are drawn from, all levels."""
+        return self.cfg.latent_dim
+
+    def bottom_up(self, x: torch.Tensor) -> tuple:
+        """What the inference path computes from x once, however many z are drawn from it."""
+        return self.encode(x)
+
+    def top_down(self, up: tuple, samples: int = 1, noise: torch.Tensor | None = None) -> Pass:
+        """`samples` draws of z from q(z|x) (noise: their standard normal numbers, (samples, B,
+        noise_size); None = fresh), decoded, with their KL and log densities."""
+        mu, logvar = up
+        z = self.draw_top(mu, logvar, samples, noise)
+        kl_groups, log_prior, log_posterior = self.top_terms(z, mu, logvar)
+        out = self.decode(z.flatten(0, 1))
+        return Pass(out, kl_groups.sum(dim=-1), kl_groups, log_prior, log_posterior)
+
+    def draw_top(
+        self, mu: torch.Tensor, logvar: torch.Tensor, samples: int, noise: torch.Tensor | None
+    ) -> torch.Tensor:
+        """z of the top level, (samples, B, latent_dim), from fresh noise or the given numbers."""
+        if noise is None:
+            return self.reparameterize(mu, logvar, samples)
+        return mu + noise.reshape(samples, *mu.shape).to(mu) * torch.exp(0.5 * logvar)
+
+    @staticmethod
+    def top_terms(
+        z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The top level's KL per dimension (S, B, D), log p(z) and log q(z|x) (S, B)."""
+        z, mu, logvar = z.float(), mu.float(), logvar.float()
+        kl_groups = standard_normal_kl(mu, logvar).expand(len(z), *mu.shape)
+        zero = torch.zeros_like(mu)
+        return kl_groups, log_normal(z, zero, zero), log_normal(z, mu, logvar)
+
+    def forward(self, x: torch.Tensor, samples: int = 1) -> Pass:
+        """Stochastic pass with `samples` draws of z per image (see Pass)."""
+        return self.top_down(self.bottom_up(x), samples)
+
+    def mean_pass(self, x: torch.Tensor) -> MeanPass:
+        """Decode the posterior mean of each image."""
+        mu, _ = self.encode(x)
+        return MeanPass(self.decode(mu), [mu])
+
+    def generate(self, noise: torch.Tensor, temperature: float | list[float] = 1.0) -> torch.Tensor:
+        """Decoder output for new images from standard normal noise (B, noise_size): z =
+        temperature * noise."""
+        (t,) = temperatures(temperature, 1)
+        return self.decode(noise * t)
 
     def mean_image(self, out: torch.Tensor) -> torch.Tensor:
         """Decoder output -> expected image E[x|z] in [0, 1]."""
@@ -154,18 +222,21 @@ class ConvVAE(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
+        self,
+        n: int,
+        temperature: float | list[float] = 1.0,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """n new images E[x|z], z ~ N(0, temperature^2 I): (n, C, H, W) in [0, 1]."""
+        """n new images E[x|z], one top-down pass with every level drawn from its prior at its
+        temperature (one number, or one per level, top first): (n, C, H, W) in [0, 1]."""
         device = next(self.parameters()).device
-        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=device)
-        return self.mean_image(self.decode(z * temperature))
+        noise = torch.randn(n, self.noise_size, generator=generator, device=device)
+        return self.mean_image(self.generate(noise, temperature))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstruction: decode the posterior mean of each image."""
-        mu, _ = self.encode(x)
-        return self.mean_image(self.decode(mu))
+        """Deterministic reconstruction: every level at its posterior mean."""
+        return self.mean_image(self.mean_pass(x).out)
 
     @property
     def num_pixels(self) -> int:
