@@ -145,6 +145,13 @@ def train_project(cfg) -> tuple[list[Path], float]:
     return [path for _, path in by_epoch], wall
 
 
+def curve_on_test(checkpoints: list[Path], test: torch.Tensor) -> list[float]:
+    """Test negative ELBO of each epoch's checkpoint."""
+    return [
+        evaluate(load_model_dir(c)[0], test, k=0, batch_size=1000)["neg_elbo"] for c in checkpoints
+    ]
+
+
 def mean_epoch_seconds(checkpoint: Path) -> float:
     """Mean over the run's epochs of the slowest rank's epoch time (training + validation)."""
     history = read_state(checkpoint).history
@@ -161,10 +168,7 @@ def hierarchical_row(cfg, args, splits, iwae_images, conv_epoch_s: float) -> dic
     ])  # fmt: skip
     print(f"training {args.hierarchical} through Ray Train ...", flush=True)
     checkpoints, wall = train_project(deep)
-    curve = [
-        evaluate(load_model_dir(c)[0], splits.test, k=0, batch_size=1000)["neg_elbo"]
-        for c in checkpoints
-    ]
+    curve = curve_on_test(checkpoints, splits.test)
     model = load_model_dir(checkpoints[-1])[0]
     scored = evaluate(model, splits.test, k=0, batch_size=1000)
     iwae = evaluate(model, iwae_images, k=args.iwae_k, batch_size=10)["iwae_nll"]
@@ -219,9 +223,7 @@ def train_from_parquet_stream(cfg, test: torch.Tensor, folder: Path) -> tuple[li
         }
     )
     checkpoints, wall = train_project(streamed)
-    curve = [
-        evaluate(load_model_dir(c)[0], test, k=0, batch_size=1000)["neg_elbo"] for c in checkpoints
-    ]
+    curve = curve_on_test(checkpoints, test)
     return curve, wall
 
 
@@ -258,7 +260,7 @@ def binarization_entropy(images: torch.Tensor) -> float:
     return float(h.sum(1).mean())
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/vae.yaml")
     parser.add_argument("--epochs", type=int, default=10)
@@ -276,7 +278,59 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.epochs, args.iwae_k, args.iwae_images = 2, 10, 50
+    return args
 
+
+def print_rows(rows: list[tuple], args: argparse.Namespace, iwae_images: int, dims: int) -> None:
+    """The results table: (name, test neg ELBO, IWAE NLL, seconds) per model."""
+    print(
+        f"\nmodel | epochs | test neg ELBO | IWAE NLL (k={args.iwae_k}, first "
+        f"{iwae_images} test images) | bits/dim (IWAE) | wall time"
+    )
+    for name, elbo, iwae, seconds in rows:
+        print(
+            f"{name} | {args.epochs} | {elbo:.2f} | {iwae:.2f} | "
+            f"{bits_per_dim(iwae, dims):.4f} | {seconds:.0f} s"
+        )
+
+
+def report_hierarchical(
+    deep: dict, args: argparse.Namespace, conv_elbo: float, conv_epoch_s: float, dims: int
+) -> None:
+    """The hierarchical row, its epoch time against the default's, and its KL per level."""
+    print(
+        f"raytrain_vae {Path(args.hierarchical).name} (Ray Train) | {args.epochs} | "
+        f"{deep['curve'][-1]:.2f} | {deep['iwae_nll']:.2f} | "
+        f"{bits_per_dim(deep['iwae_nll'], dims):.4f} | {deep['seconds']:.0f} s"
+    )
+    print(
+        f"hierarchical epoch time {deep['epoch_s']:.1f} s = {deep['epoch_time_ratio']:.2f}x "
+        f"the default's {conv_epoch_s:.1f} s (limit 3x); test neg ELBO "
+        f"{deep['curve'][-1] - conv_elbo:+.2f} nats against the default (line: 230)"
+    )
+    kl = ", ".join(
+        f"{name} {value:.2f} ({deep['active_units'][name]}/{deep['units'][name]} active)"
+        for name, value in deep["kl_per_level"].items()
+    )
+    print(f"hierarchical KL per level (nats, test split): {kl}")
+
+
+def write_results(results: dict, out: Path) -> None:
+    """quality.json and the curves' plot (each model's test negative ELBO per epoch)."""
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {
+        "MLP VAE (reference)": results["reference"]["curve"],
+        "raytrain_vae default": results["raytrain_vae"]["curve"],
+    }
+    if results["hierarchical"] is not None:
+        curves["raytrain_vae hierarchical"] = results["hierarchical"]["curve"]
+    plot_curves(curves, results["entropy_floor"], out / "curves.png")
+    (out / "quality.json").write_text(json.dumps(results, indent=1))
+    print(f"curves: {out / 'curves.png'}  results: {out / 'quality.json'}")
+
+
+def main() -> None:
+    args = parse_args()
     storage = tempfile.mkdtemp(prefix="quality-")
     overrides = [
         f"train.epochs={args.epochs}",
@@ -305,10 +359,7 @@ def main() -> None:
     )
     print("training the project's model through Ray Train ...", flush=True)
     checkpoints, ours_wall = train_project(cfg)
-    ours_curve = [
-        evaluate(load_model_dir(c)[0], splits.test, k=0, batch_size=1000)["neg_elbo"]
-        for c in checkpoints
-    ]
+    ours_curve = curve_on_test(checkpoints, splits.test)
 
     print("\nepoch  reference  raytrain_vae    gap  (test negative ELBO, nats per image)")
     for epoch, (r, o) in enumerate(zip(ref_curve, ours_curve, strict=True), start=1):
@@ -324,36 +375,14 @@ def main() -> None:
         (f"raytrain_vae {Path(args.config).name} (Ray Train)", ours_curve[-1], ours_iwae,
          ours_wall),
     ]  # fmt: skip
-    print(
-        f"\nmodel | epochs | test neg ELBO | IWAE NLL (k={args.iwae_k}, first "
-        f"{len(iwae_images)} test images) | bits/dim (IWAE) | wall time"
-    )
-    for name, elbo, iwae, seconds in rows:
-        print(
-            f"{name} | {args.epochs} | {elbo:.2f} | {iwae:.2f} | "
-            f"{bits_per_dim(iwae, dims):.4f} | {seconds:.0f} s"
-        )
+    print_rows(rows, args, len(iwae_images), dims)
     gap = ours_curve[-1] - ref_curve[-1]
     print(f"gap after {args.epochs} epochs (raytrain_vae - reference): {gap:+.2f} nats")
     deep = None
     if args.hierarchical:
         conv_epoch_s = mean_epoch_seconds(checkpoints[-1])
         deep = hierarchical_row(cfg, args, splits, iwae_images, conv_epoch_s)
-        print(
-            f"raytrain_vae {Path(args.hierarchical).name} (Ray Train) | {args.epochs} | "
-            f"{deep['curve'][-1]:.2f} | {deep['iwae_nll']:.2f} | "
-            f"{bits_per_dim(deep['iwae_nll'], dims):.4f} | {deep['seconds']:.0f} s"
-        )
-        print(
-            f"hierarchical epoch time {deep['epoch_s']:.1f} s = {deep['epoch_time_ratio']:.2f}x "
-            f"the default's {conv_epoch_s:.1f} s (limit 3x); test neg ELBO "
-            f"{deep['curve'][-1] - ours_curve[-1]:+.2f} nats against the default (line: 230)"
-        )
-        kl = ", ".join(
-            f"{name} {value:.2f} ({deep['active_units'][name]}/{deep['units'][name]} active)"
-            for name, value in deep["kl_per_level"].items()
-        )
-        print(f"hierarchical KL per level (nats, test split): {kl}")
+        report_hierarchical(deep, args, ours_curve[-1], conv_epoch_s, dims)
     if args.parquet_stream:
         stream_curve, stream_wall = train_from_parquet_stream(
             cfg, splits.test, Path(tempfile.mkdtemp(prefix="quality-parquet-"))
@@ -367,12 +396,6 @@ def main() -> None:
             f"{stream_curve[-1] - ours_curve[-1]:+.2f} nats (target: within 1 nat)"
         )
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    curves = {"MLP VAE (reference)": ref_curve, "raytrain_vae default": ours_curve}
-    if deep is not None:
-        curves["raytrain_vae hierarchical"] = deep["curve"]
-    plot_curves(curves, floor, out / "curves.png")
     results = {
         "machine": machine(),
         "epochs": args.epochs,
@@ -384,8 +407,7 @@ def main() -> None:
         "config": cfg.model_dump(mode="json"),
         "hierarchical": deep,
     }
-    (out / "quality.json").write_text(json.dumps(results, indent=1))
-    print(f"curves: {out / 'curves.png'}  results: {out / 'quality.json'}")
+    write_results(results, Path(args.out))
 
 
 if __name__ == "__main__":

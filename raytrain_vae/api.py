@@ -63,15 +63,16 @@ def evaluate(
     k: int = 1000,
     batch_size: int = 100,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> dict:
     """Held-out metrics in nats per image (negative ELBO, its terms, IWAE NLL with k samples,
     bits/dim). `model` is an export folder, scored on its own data's `split` (first `limit`
-    images), or a loaded VAE scored on `images` (uint8, N x C x H x W)."""
+    images), or a loaded VAE scored on `images` (uint8, N x C x H x W). device: None = where
+    the model is (an export folder loads on the CPU)."""
     if isinstance(model, VAE):
         if images is None:
             raise ValueError("evaluate(model=VAE) needs images (uint8, N x C x H x W)")
         return evaluate_images(model, images[:limit], k, batch_size, seed, device)
     if images is not None:
         return evaluate_images(load_model(model), images[:limit], k, batch_size, seed, device)
-    return evaluate_export(model, split, limit, k, batch_size, seed, device)
+    return evaluate_export(model, split, limit, k, batch_size, seed, device or "cpu")

@@ -137,7 +137,7 @@ class Encoder:
                 columns[passed] = batch.column(passed)
         columns["latent_mu"] = fixed_size_list(mu.cpu().numpy().astype(np.float32))
         columns["latent_logvar"] = fixed_size_list(logvar.cpu().numpy().astype(np.float32))
-        mean = self.model.mean_pass(x) if self.reconstruct or self.all_levels else None
+        mean = self.model.mean_pass(x, up) if self.reconstruct or self.all_levels else None
         if self.all_levels:
             for name, means in zip(self.model.level_names[1:], mean.means[1:], strict=True):
                 columns[f"latent_mu_{name}"] = fixed_size_list(

@@ -104,13 +104,16 @@ def stdout_to_stderr(active: bool = True) -> Iterator[None]:
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, io.UnsupportedOperation):
         fd = None  # stdout is no file (pytest's capture): the Python-level redirect suffices
-    saved = None if fd is None else os.dup(fd)
-    if fd is not None:
-        os.dup2(sys.stderr.fileno(), fd)
+    saved = None
     try:
+        if fd is not None:
+            saved = os.dup(fd)
+            os.dup2(sys.stderr.fileno(), fd)
         with contextlib.redirect_stdout(sys.stderr):
-            yield
-            stop_embedded_ray()
+            try:
+                yield
+            finally:  # on failure too: Ray's late lines must not reach the real stdout
+                stop_embedded_ray()
     finally:
         sys.stderr.flush()
         if saved is not None:

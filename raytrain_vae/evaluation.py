@@ -28,21 +28,41 @@ MAX_K = 1_000_000
 MAX_BATCH = 2**20
 
 
-@torch.no_grad()
 def evaluate(
     model: VAE,
     images: torch.Tensor,
     k: int = 1000,
     batch_size: int = 100,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Metrics per image in nats over uint8 images (N, C, H, W); k = 0 skips the IWAE bound.
     Also the KL per level and per latent group, and the active units of each level.
-    progress, if given, hears the number of images scored after each batch."""
+    device: where to score (the model is moved there); None = where the model is. The caller's
+    random state and the model's train/eval mode are left as they were. progress, if given,
+    hears the number of images scored after each batch."""
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    was_training = model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            return score_images(model.to(device).eval(), images, k, batch_size, seed, progress)
+        finally:
+            model.train(was_training)
+
+
+@torch.no_grad()
+def score_images(
+    model: VAE,
+    images: torch.Tensor,
+    k: int,
+    batch_size: int,
+    seed: int,
+    progress: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    """evaluate()'s work, the model in eval mode on its device."""
+    device = next(model.parameters()).device
     torch.manual_seed(seed)
-    model = model.to(device).eval()
     sums = {"recon": 0.0, "kl": 0.0, "iwae": 0.0, "mse": 0.0}
     kl_groups, activity = 0.0, UnitActivity()
     for start in range(0, len(images), batch_size):

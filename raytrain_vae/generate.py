@@ -242,7 +242,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             "--all-levels",
             action="store_true",
             help="hierarchical models: also each lower level's posterior mean, as a column "
-            "latent_mu_<channels>x<height>x<width> (latent_mu is the top level's)",
+            "latent_mu_l<i>_<channels>x<height>x<width> (latent_mu is the top level's)",
         )
     return parser
 

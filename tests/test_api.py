@@ -117,3 +117,35 @@ def test_a_deprecation_warning_from_our_code_fails_the_suite():
         with pytest.raises(category):
             warnings.warn_explicit("old", category, "x.py", 1, module="raytrain_vae.generate")
     warnings.warn_explicit("old", DeprecationWarning, "x.py", 1, module="ray.data.dataset")
+
+
+def test_evaluate_leaves_the_callers_random_state_mode_and_device(exported):
+    model = raytrain_vae.load_model(exported).train()
+    images, _ = split_images(load_config(exported / "config.yaml").data, "test", None)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first = raytrain_vae.evaluate(model, images, k=2)
+    assert torch.equal(torch.rand(3), expected)  # as if evaluate had not drawn anything
+    assert model.training and next(model.parameters()).device.type == "cpu"
+    assert raytrain_vae.evaluate(model, images, k=2) == first  # its own seed, every time
+
+
+def test_json_mode_keeps_stdout_clean_when_the_work_fails():
+    """stdout_to_stderr: lines printed inside go to stderr, at the file descriptor too, and
+    stdout comes back when an exception leaves the block."""
+    code = (
+        "import os, sys\n"
+        "from raytrain_vae.cli import stdout_to_stderr\n"
+        "try:\n"
+        "    with stdout_to_stderr(True):\n"
+        "        print('inside', flush=True)\n"
+        "        os.write(1, b'raw\\n')\n"
+        "        raise ValueError('boom')\n"
+        "except ValueError:\n"
+        "    print('after')\n"
+    )
+    proc = python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "after\n"
+    assert "inside" in proc.stderr and "raw" in proc.stderr

@@ -53,13 +53,35 @@ def shake(model: torch.nn.Module, scale: float = 0.1, seed: int = 2) -> None:
 
 def test_levels_have_their_shapes_and_noise_sizes():
     model = make_model()
-    assert model.level_names == ("top", "3x4x4", "2x8x8")
+    assert model.level_names == ("top", "l1_3x4x4", "l2_2x8x8")  # numbered: shapes may repeat
     assert model.noise_size == 4 + 3 * 16 + 2 * 64
     p = model(images(), samples=5)
     assert p.out.shape == (30, *SHAPE)
     assert p.kl.shape == p.log_prior.shape == p.log_posterior.shape == (5, 6)
     assert p.kl_groups.shape == (5, 6, 4 + 3 + 2)
     torch.testing.assert_close(p.kl_groups.sum(dim=2), p.kl)
+
+
+def test_a_pass_of_s_draws_is_s_passes_of_one_draw_with_the_same_noise():
+    model = make_model()
+    shake(model)
+    x = images(n=3)
+    noise = torch.randn(4, 3, model.noise_size, generator=torch.Generator().manual_seed(0))
+    many = model.top_down(model.bottom_up(x), 4, noise)
+    for s in range(4):
+        one = model.top_down(model.bottom_up(x), 1, noise[s : s + 1])
+        torch.testing.assert_close(many.out[3 * s : 3 * s + 3], one.out)
+        for field in ("kl", "kl_groups", "log_prior", "log_posterior"):
+            torch.testing.assert_close(getattr(many, field)[s], getattr(one, field)[0])
+
+
+def test_levels_of_one_shape_keep_apart_in_names_and_diagnostics():
+    model = make_model("model.levels=[{size: 4, channels: 3}, {size: 4, channels: 3}]")
+    shake(model)
+    assert model.level_names == ("top", "l1_3x4x4", "l2_3x4x4")
+    metrics = evaluate(model, (images(n=8) * 255).to(torch.uint8), k=0)
+    assert metrics["units"] == {"top": 4, "l1_3x4x4": 48, "l2_3x4x4": 48}
+    assert metrics["kl"] == pytest.approx(sum(metrics["kl_per_level"].values()), rel=1e-6)
 
 
 def test_a_level_at_a_missing_resolution_or_out_of_order_is_refused():
@@ -201,8 +223,8 @@ def test_active_units_are_none_when_the_top_is_forced_to_the_prior():
     assert forced.active()[0] == 0 and forced.variances()[0].max() == 0
     metrics = evaluate(model, (x * 255).to(torch.uint8), k=2, batch_size=16)
     assert metrics["active_units"]["top"] == 0 and metrics["kl_per_level"]["top"] == 0
-    assert set(metrics["kl_per_level"]) == {"top", "3x4x4", "2x8x8"}
-    assert metrics["units"] == {"top": 4, "3x4x4": 48, "2x8x8": 128}
+    assert set(metrics["kl_per_level"]) == {"top", "l1_3x4x4", "l2_2x8x8"}
+    assert metrics["units"] == {"top": 4, "l1_3x4x4": 48, "l2_2x8x8": 128}
     assert metrics["kl"] == pytest.approx(sum(metrics["kl_per_level"].values()), rel=1e-6)
 
 
@@ -223,7 +245,7 @@ def test_training_lowers_the_loss():
 
 
 @pytest.mark.slow
-def test_a_two_worker_ddp_run_of_two_epochs_lowers_the_loss(tmp_path):
+def test_a_two_worker_ddp_run_of_two_epochs_lowers_the_loss(ray_local, tmp_path):
     from raytrain_vae.training import fit, history_of
 
     make_idx_dataset(seed=4, n_train=600, n_test=50, height=28, width=28).write(tmp_path / "d")
@@ -237,7 +259,7 @@ def test_a_two_worker_ddp_run_of_two_epochs_lowers_the_loss(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[1]["train_loss"] < history[0]["train_loss"]
     assert history[1]["val_neg_elbo"] < history[0]["val_neg_elbo"]
-    loaded, _ = load_model_dir(sorted((tmp_path / "runs" / "deep").glob("checkpoint_*"))[-1])
+    loaded, _ = load_model_dir(sorted((tmp_path / "runs" / "deep").glob("checkpoint_*/"))[-1])
     assert isinstance(loaded, HierarchicalVAE) and len(loaded.levels) == 2
 
 
@@ -268,13 +290,13 @@ def test_the_batch_jobs_actors_sample_and_encode_every_level(exported_deep):
         "pixels": fixed_size_list((x * 255).to(torch.uint8).flatten(1).numpy()),
     })  # fmt: skip
     encoded = Encoder(str(exported_deep), seed=0, reconstruct=True, all_levels=True)(batch)
-    assert encoded.column("latent_mu_3x4x4").type.list_size == 48
-    assert encoded.column("latent_mu_2x8x8").type.list_size == 128
+    assert encoded.column("latent_mu_l1_3x4x4").type.list_size == 48
+    assert encoded.column("latent_mu_l2_2x8x8").type.list_size == 128
     model, _ = load_model_dir(exported_deep)
     with torch.no_grad():
         means = model.mean_pass(x).means
-    assert np.allclose(encoded.column("latent_mu_2x8x8")[1].values.to_numpy(), means[2][1])
+    assert np.allclose(encoded.column("latent_mu_l2_2x8x8")[1].values.to_numpy(), means[2][1])
     assert np.allclose(encoded.column("latent_mu")[1].values.to_numpy(), means[0][1], atol=1e-6)
     one = Encoder(str(exported_deep), seed=0, reconstruct=True)(batch.slice(2, 1))
     assert one.column("neg_elbo")[0].as_py() == pytest.approx(encoded.column("neg_elbo")[2].as_py())
-    assert "latent_mu_3x4x4" not in one.column_names
+    assert "latent_mu_l1_3x4x4" not in one.column_names

@@ -143,6 +143,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_job_agent(url: str, deadline: float) -> None:
+    """The dashboard answers seconds before its job agent registers: until then a submission
+    fails with "No available agent to submit job". Submit a no-op job until one is taken."""
+    env = clean_env() | {"RAY_AUTH_MODE": "token"}
+    while True:
+        proc = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", url, "--no-wait", "--", "true"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            return
+        assert "No available agent" in proc.stderr + proc.stdout, proc.stderr[-2000:]
+        assert time.monotonic() < deadline, "the head's job agent never registered"
+        time.sleep(1)
+
+
 @pytest.fixture
 def ray_head():
     # Ray's socket paths must stay short: a pytest tmp path is too long for them.
@@ -172,6 +188,7 @@ def ray_head():
             except OSError:
                 assert head.poll() is None, "ray start --head exited"
                 time.sleep(1)
+        wait_for_job_agent(url, deadline)
         yield url
     finally:
         kill_group(head)

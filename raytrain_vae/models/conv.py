@@ -205,9 +205,9 @@ class ConvVAE(nn.Module):
         """Stochastic pass with `samples` draws of z per image (see Pass)."""
         return self.top_down(self.bottom_up(x), samples)
 
-    def mean_pass(self, x: torch.Tensor) -> MeanPass:
-        """Decode the posterior mean of each image."""
-        mu, _ = self.encode(x)
+    def mean_pass(self, x: torch.Tensor, up: tuple | None = None) -> MeanPass:
+        """Decode the posterior mean of each image (up: bottom_up(x), if already computed)."""
+        mu = self.encode(x)[0] if up is None else up[0]
         return MeanPass(self.decode(mu), [mu])
 
     def generate(self, noise: torch.Tensor, temperature: float | list[float] = 1.0) -> torch.Tensor:

@@ -97,7 +97,11 @@ class HierarchicalVAE(ConvVAE):
             self.encoder[i * per_stage : (i + 1) * per_stage] for i in range(n)
         )
         self._encoder_head_start = n * per_stage
-        self.level_names = ("top", *(f"{c}x{h}x{w}" for c, h, w in self.level_shapes))
+        # Numbered: two levels may share a shape.
+        self.level_names = (
+            "top",
+            *(f"l{i}_{c}x{h}x{w}" for i, (c, h, w) in enumerate(self.level_shapes, start=1)),
+        )
 
     @property
     def noise_size(self) -> int:
@@ -151,6 +155,8 @@ class HierarchicalVAE(ConvVAE):
             mu_p, logvar_p = level.prior_params(h)
             up_i = self.features_at(features, self.level_stages[i]).repeat(samples, 1, 1, 1)
             mu_q, logvar_q = level.posterior_params(h, up_i, mu_p, logvar_p)
+            # In float32 whatever the autocast: log q - log p sums thousands of dimensions.
+            mu_q, logvar_q = mu_q.float(), logvar_q.float()
             eps = torch.randn_like(mu_q) if parts is None else parts[i + 1].to(mu_q)
             z = mu_q + eps * torch.exp(0.5 * logvar_q)
             kl, lp, lq = level_terms(z, mu_q, logvar_q, mu_p, logvar_p)
@@ -163,9 +169,10 @@ class HierarchicalVAE(ConvVAE):
         kl_groups = torch.cat(kl_parts, dim=2)
         return Pass(out, kl_groups.sum(dim=2), kl_groups, sum(log_p), sum(log_q))
 
-    def mean_pass(self, x: torch.Tensor) -> MeanPass:
-        """Every level at its posterior mean, given the means above it."""
-        mu, _, features = self.bottom_up(x)
+    def mean_pass(self, x: torch.Tensor, up: tuple | None = None) -> MeanPass:
+        """Every level at its posterior mean, given the means above it (up: bottom_up(x), if
+        already computed)."""
+        mu, _, features = self.bottom_up(x) if up is None else up
         means = [mu]
 
         def draw(i: int, level: Level, h: torch.Tensor) -> torch.Tensor:
