@@ -196,12 +196,12 @@ def metric_lines(model: str, m: dict) -> list[str]:
             f"  (k = {m['iwae_k']}, an upper bound on the true NLL)"
         )
     lines.append(f"  reconstruction MSE {m['reconstruction_mse']:.5f} (pixels in [0, 1])")
+    lines.append(f"  bits/dim: {m['bits_per_dim_means']}")
     for name, kl in m["kl_per_level"].items():
         lines.append(
             f"  level {name:<10} KL {kl:8.3f} nats  active units {m['active_units'][name]}/"
             f"{m['units'][name]} (posterior mean variance > 0.01)"
         )
-    lines.append(f"  bits/dim: {m['bits_per_dim_means']}")
     return lines
 
 

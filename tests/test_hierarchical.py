@@ -27,12 +27,12 @@ SHAPE = (1, 16, 16)
 LEVELS = "model.levels=[{size: 4, channels: 3}, {size: 8, channels: 2}]"
 
 
+MODEL = ["model.type=hierarchical", "model.channels=[6,8]", "model.hidden_dim=16",
+         "model.latent_dim=4", LEVELS]  # fmt: skip
+
+
 def make_model(*overrides: str, seed: int = 0) -> HierarchicalVAE:
-    cfg = load_config(
-        None,
-        ["model.type=hierarchical", "model.channels=[6,8]", "model.hidden_dim=16",
-         "model.latent_dim=4", LEVELS, *overrides],
-    ).model  # fmt: skip
+    cfg = load_config(None, [*MODEL, *overrides]).model
     torch.manual_seed(seed)
     return build_model(cfg, SHAPE).eval()
 
@@ -192,15 +192,22 @@ def test_samples_have_the_image_shape_and_repeat_under_a_seed():
         model.sample(2, [1.0, 1.0])
 
 
-def test_export_round_trip(tmp_path):
+@pytest.fixture
+def exported_deep(tmp_path) -> Path:
+    """make_model(), shaken, saved as a model directory."""
     model = make_model()
     shake(model, 0.1)
-    cfg = load_config(None, ["model.type=hierarchical", "model.channels=[6,8]",
-                             "model.hidden_dim=16", "model.latent_dim=4", LEVELS])  # fmt: skip
     (tmp_path / "m").mkdir()
-    save_model_dir(model, cfg, tmp_path / "m", {"epoch": 1})
-    loaded, loaded_cfg = load_model_dir(tmp_path / "m")
-    assert isinstance(loaded, HierarchicalVAE) and loaded_cfg.model.levels == cfg.model.levels
+    save_model_dir(model, load_config(None, MODEL), tmp_path / "m", {"epoch": 1})
+    return tmp_path / "m"
+
+
+def test_export_round_trip(exported_deep):
+    model = make_model()
+    shake(model, 0.1)  # the exported model, made again
+    loaded, loaded_cfg = load_model_dir(exported_deep)
+    assert isinstance(loaded, HierarchicalVAE)
+    assert loaded_cfg.model.levels == load_config(None, MODEL).model.levels
     x = images()
     torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x))
     g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
@@ -261,17 +268,6 @@ def test_a_two_worker_ddp_run_of_two_epochs_lowers_the_loss(ray_local, tmp_path)
     assert history[1]["val_neg_elbo"] < history[0]["val_neg_elbo"]
     loaded, _ = load_model_dir(sorted((tmp_path / "runs" / "deep").glob("checkpoint_*/"))[-1])
     assert isinstance(loaded, HierarchicalVAE) and len(loaded.levels) == 2
-
-
-@pytest.fixture
-def exported_deep(tmp_path) -> Path:
-    model = make_model()
-    shake(model, 0.1)
-    cfg = load_config(None, ["model.type=hierarchical", "model.channels=[6,8]",
-                             "model.hidden_dim=16", "model.latent_dim=4", LEVELS])  # fmt: skip
-    (tmp_path / "m").mkdir()
-    save_model_dir(model, cfg, tmp_path / "m", {"epoch": 1})
-    return tmp_path / "m"
 
 
 def test_the_batch_jobs_actors_sample_and_encode_every_level(exported_deep):
