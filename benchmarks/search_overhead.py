@@ -116,7 +116,10 @@ def main() -> None:
     print(f"{args.trials} trials x {args.epochs} epochs on {args.limit} images, 1 at a time")
     try:
         local = measure(work, "local", "1 worker, in the trial's process", args)
-        train = measure(work, "train", "1 worker, Ray Train run", args, "search.local_trials=false")
+        train = measure(
+            work, "train", "1 worker, Ray Train run", args, "search.local_trials=false",
+            *(["search.num_samples=1"] if args.smoke else []),  # ~15 s a trial: one shows it
+        )  # fmt: skip
         workers = 2 if cpus >= 2 else 1
         ddp = measure(
             work, "ddp", f"{workers} workers (DDP), Ray Train run", args,

@@ -17,6 +17,7 @@ from ray.tune.search.optuna import OptunaSearch
 from raytrain_vae.cli import JSON_HELP, config_parser, print_json, run_cli, stdout_to_stderr
 from raytrain_vae.config import Config, ConfigError, is_uri, load_config, shown_uri
 from raytrain_vae.export import EXPORT_KIND, export_model
+from raytrain_vae.live_view import TrialTable
 from raytrain_vae.outputs import check_output_dir
 from raytrain_vae.runtime import init_ray
 from raytrain_vae.search_results import (
@@ -89,26 +90,21 @@ def set_tune_output_defaults() -> None:
     # With CheckpointConfig(num_to_keep), Tune saves its state when a trial has kept that many
     # checkpoints, and warns each time it does so within 5 s: every few epochs of a short trial.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Ray 2.60's default trial table shows the first four metrics a trial reports and no
-    # parameters; its classic one (live_view) shows the columns we name. RAY_AIR_NEW_OUTPUT=1
-    # brings the default back.
+    # Ray 2.60's default output ignores a progress reporter and shows the first four metrics a
+    # trial reports and no parameters; its classic output prints ours (live_view).
+    # RAY_AIR_NEW_OUTPUT=1 brings the default back.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
-def live_view(cfg: Config, params: list[Param]) -> tune.CLIReporter:
-    """Tune's trial table while the search runs: the search metric(s), the epoch and the
-    sampled parameters, the best trial first."""
+def live_view(cfg: Config, params: list[Param]) -> TrialTable:
+    """The trial table while the search runs: the search metric(s), the epoch and the sampled
+    parameters, the best trial first."""
     s = cfg.search
-    metrics = list(s.metric) if s.multi_objective else [s.metric]
-    return tune.CLIReporter(
-        metric_columns=[*metrics, "epoch"],
-        parameter_columns=[p.path for p in params],
-        # Tune passes a single search metric to the reporter itself (and refuses it twice).
-        metric=s.selection[0] if s.multi_objective else None,
-        mode=s.selection[1] if s.multi_objective else None,
-        sort_by_metric=True,
-        max_column_length=24,
-        max_report_frequency=30,
+    return TrialTable(
+        metrics=list(s.metric) if s.multi_objective else [s.metric],
+        params=[p.path for p in params],
+        sort_by=s.selection,
+        total=s.num_samples,
     )
 
 

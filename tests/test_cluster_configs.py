@@ -39,6 +39,25 @@ def test_launcher_yaml_passes_rays_schema(path):
     assert all("--dashboard-host=0.0.0.0" not in c for c in config["head_start_ray_commands"])
 
 
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_every_launched_node_starts_with_token_auth_and_the_token(path):
+    # Ray 2.60 starts `ray start` without authentication unless RAY_AUTH_MODE=token, and then
+    # needs the token on the node: the user's ~/.ray/auth_token is copied to every node.
+    config = yaml.safe_load(path.read_text())
+    user = config["auth"]["ssh_user"]
+    assert config["file_mounts"][f"/home/{user}/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts), key
+    assert "ray get-auth-token --generate" in path.read_text()  # the header's first command
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_every_kuberay_cluster_turns_token_auth_on(path):
+    spec = yaml.safe_load(path.read_text())["spec"]["rayClusterSpec"]
+    assert spec["authOptions"] == {"mode": "token"}
+
+
 def test_schema_check_is_real():
     config = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
     config["max_workers"] = "many"

@@ -42,6 +42,7 @@ HIGHER = {
     "tune",
     "search_space",
     "search_results",
+    "live_view",
     "runtime",
     "export",
     "generate",

@@ -445,3 +445,23 @@ def test_fmnist_best_is_a_point_of_fmnist_search_trained_longer():
             assert low <= value <= high, param.path
     assert best.model.channels == searched.model.channels
     assert best.train.epochs > searched.train.epochs and best.data.limit is None
+
+
+def test_the_space_check_sizes_each_distinct_model_once(monkeypatch):
+    # Every combination of choices and range ends is checked, but only the model keys change
+    # the model: the quickstart's 3 latent sizes x 2 channel lists (the base is one of them).
+    from raytrain_vae.models import sizing
+
+    built = []
+    real = sizing.build_model
+    monkeypatch.setattr(sizing, "build_model", lambda *a, **k: built.append(a) or real(*a, **k))
+    sizing._memory_bytes.cache_clear()
+    cfg = load_config("quickstart")
+    parse_space(cfg)
+    assert len(built) == 3 * 2
+    batch = cfg.train.batch_size
+    first = sizing.training_memory_bytes(cfg.model, (1, 28, 28), batch)
+    assert len(built) == 6  # answered from the cache
+    cfg.model.latent_dim = 64  # a model not seen before is sized afresh
+    assert sizing.training_memory_bytes(cfg.model, (1, 28, 28), batch) > first
+    assert len(built) == 7

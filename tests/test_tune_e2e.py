@@ -58,14 +58,14 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen, grace: float = 15) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=grace)
             return
         except subprocess.TimeoutExpired:
             continue
@@ -159,11 +159,19 @@ def wait_for_job_agent(url: str, deadline: float) -> None:
         time.sleep(1)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
+    """One head for the module's job tests (each start costs seconds); every job they submit has
+    ended before the test returns."""
     # Ray's socket paths must stay short: a pytest tmp path is too long for them.
     temp_dir = tempfile.mkdtemp(prefix="rtv-", dir="/tmp")
     port, dashboard = free_port(), free_port()
+    # As the README and cluster/ start a head: Ray 2.60 leaves `ray start --head` without
+    # authentication unless a token exists and RAY_AUTH_MODE=token.
+    subprocess.run(
+        [str(BIN / "ray"), "get-auth-token", "--generate"],
+        env=clean_env(), capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
     head = subprocess.Popen(
         [
             str(BIN / "ray"), "start", "--head", "--block",
@@ -171,7 +179,7 @@ def ray_head():
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
             "--num-cpus=2", f"--temp-dir={temp_dir}",
         ],
-        env=clean_env(),
+        env=clean_env() | {"RAY_AUTH_MODE": "token"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -191,7 +199,9 @@ def ray_head():
         wait_for_job_agent(url, deadline)
         yield url
     finally:
-        kill_group(head)
+        # `ray start --block` takes 15 s or more to obey SIGTERM; its processes hold nothing that
+        # outlives them (the object store's files are unlinked), so a short grace is enough.
+        kill_group(head, grace=3)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

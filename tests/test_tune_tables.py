@@ -514,3 +514,85 @@ def test_user_error_from_none_when_there_is_none():
 def test_config_error_is_a_user_error():
     # The premise that makes ConfigError count in the tests above.
     assert issubclass(ConfigError, UserError)
+
+
+@dataclass
+class LiveTrial:
+    """What the live table reads of a Tune Trial."""
+
+    trial_id: str
+    status: str
+    config: dict
+    last_result: dict = field(default_factory=dict)
+
+
+def test_live_table_shows_metric_epoch_and_params_best_first_and_nothing_else(capsys):
+    from raytrain_vae.live_view import TrialTable
+    from raytrain_vae.tune import live_view
+
+    cfg = load_config("quickstart")
+    table = live_view(cfg, parse_space(cfg))
+    assert isinstance(table, TrialTable)
+    config = {"model.latent_dim": 16, "model.channels": "[16, 32]"}
+    config |= {"train.beta": 1.2241566, "train.lr": 0.0010951}
+    trials = [
+        LiveTrial(
+            "aaaa0001", "TERMINATED", config, {"epoch": 3, "val_neg_elbo": 287.8203, "pid": 7}
+        ),
+        LiveTrial("aaaa0002", "RUNNING", config, {"epoch": 1, "val_neg_elbo": 268.3541}),
+        LiveTrial("aaaa0003", "PENDING", config),
+    ]
+    assert table.should_report(trials)
+    table.report(trials, done=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "== trials: 3 of 4 (1 PENDING, 1 RUNNING, 1 TERMINATED) =="
+    assert lines[1].split() == [
+        "trial", "status", "epoch", "val_neg_elbo",
+        "model.latent_dim", "model.channels", "train.beta", "train.lr",
+    ]  # fmt: skip
+    assert lines[2].split() == [
+        "aaaa0002",
+        "RUNNING",
+        "1",
+        "268.354",
+        "16",
+        "[16,",
+        "32]",
+        "1.224",
+        "0.001095",
+    ]
+    assert lines[3].split()[:4] == ["aaaa0001", "TERMINATED", "3", "287.820"]
+    assert lines[4].split()[:4] == ["aaaa0003", "PENDING", "-", "-"]  # no result yet: last
+    assert "pid" not in "\n".join(lines) and "127.0.0.1" not in "\n".join(lines)
+
+    # Not again within the interval; at the end only when the table changed.
+    assert not table.should_report(trials)
+    assert table.should_report(trials, done=True)
+    table.report(trials, done=True)
+    assert capsys.readouterr().out == ""
+    trials[2].status = "TERMINATED"
+    table.report(trials, done=True)
+    assert "2 TERMINATED" in capsys.readouterr().out
+
+
+def test_live_table_of_a_multi_objective_search_shows_both_metrics(tmp_path):
+    from raytrain_vae.tune import live_view
+
+    cfg = load_config(
+        "quickstart",
+        [
+            "search.metric=[val_recon, val_kl]",
+            "search.mode=[min, min]",
+            "search.scheduler.type=none",
+        ],
+    )
+    trials = [
+        LiveTrial(
+            "b1",
+            "RUNNING",
+            {},
+            {"epoch": 2, "val_recon": 250.0, "val_kl": 12.5, "val_neg_elbo": 262.5},
+        )
+    ]
+    header = live_view(cfg, []).text(trials).splitlines()[1].split()
+    assert header == ["trial", "status", "epoch", "val_recon", "val_kl"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -16,6 +17,14 @@ def training_memory_bytes(
     """Bytes one worker needs to train, roughly: every parameter four times in fp32 (weights,
     gradients, AdamW's two moments) plus each layer's output for a batch, kept for backward.
     Counted on the meta device, so nothing is allocated whatever the sizes."""
+    return _memory_bytes(cfg.model_dump_json(), tuple(image_shape), batch, samples)
+
+
+# A search checks every combination of its choices, and most differ only in keys that leave the
+# model alone (learning rate, beta): each model is counted once.
+@functools.lru_cache(maxsize=1024)
+def _memory_bytes(model_json: str, image_shape: tuple[int, ...], batch: int, samples: int) -> int:
+    cfg = ModelSection.model_validate_json(model_json)
     outputs: list[int] = []
     with torch.device("meta"):
         model = build_model(cfg, image_shape)
