@@ -28,10 +28,14 @@ PREFETCH_BATCHES = 4
 
 
 def read_unit_rows(batch: dict[str, np.ndarray], plan: ReadPlan) -> dict[str, np.ndarray]:
-    """A Ray Data task: the units in a batch (one, as read) -> their decoded rows."""
+    """A Ray Data task: the units in a batch (one, as read) -> their decoded rows (none: {})."""
     units = [Unit(**_unit_fields(batch, i)) for i in range(len(batch["split"]))]
     parts = [read_unit(unit, plan) for unit in units]
     images = np.concatenate([p.images for p in parts])
+    if not len(images):
+        # A unit may hold no image of this split. Ray Data cannot type an empty image tensor
+        # (it pickles the column, with a warning); a batch without columns adds no block.
+        return {}
     if plan.cfg.hflip and units[0].split == "train":  # augmented here, not in the training loop
         flip = np.random.default_rng().random(len(images)) < 0.5
         images[flip] = images[flip][..., ::-1]

@@ -23,6 +23,14 @@ from raytrain_vae.objectives import bits_per_dim, elbo_terms, kl_weight, trainin
 from raytrain_vae.optim import set_learning_rate
 
 EVAL_BATCH = 1024
+# Evaluation batches hold at most this many pixels (EVAL_BATCH images of 28x28): a batch of 1024
+# RGB 256x256 images would take gigabytes of activations.
+EVAL_PIXELS = EVAL_BATCH * 28 * 28
+
+
+def eval_batch_size(image_shape: tuple[int, ...]) -> int:
+    """Images per evaluation batch: EVAL_BATCH for 28x28 grey, fewer for larger images."""
+    return max(1, min(EVAL_BATCH, EVAL_PIXELS // math.prod(image_shape)))
 
 
 class TrainingDiverged(UserError):
@@ -182,7 +190,8 @@ def negative_elbo_sums(
     """[count, sum of reconstruction NLL, sum of KL] over images[indices] (beta = 1, eval mode).
 
     The reparameterisation noise is seeded so that the same model scores the same every time."""
-    batches = (images[indices[i : i + EVAL_BATCH]] for i in range(0, len(indices), EVAL_BATCH))
+    size = eval_batch_size(tuple(images.shape[1:]))
+    batches = (images[indices[i : i + size]] for i in range(0, len(indices), size))
     return batch_elbo_sums(model, batches, device)
 
 
@@ -279,7 +288,8 @@ def run_epoch(
     train, weight = train_epoch(run, state, epoch, binarizer)
     train_s = time.perf_counter() - start
     if run.stream is not None:
-        val = batch_elbo_sums(run.model, run.stream.val_batches(EVAL_BATCH), run.device)
+        size = eval_batch_size(run.model.image_shape)
+        val = batch_elbo_sums(run.model, run.stream.val_batches(size), run.device)
     else:
         val = negative_elbo_sums(run.model, run.val_images, val_indices, run.device)
     totals = reduce_sums(train, val, lambda t: reduce(t, "sum"))

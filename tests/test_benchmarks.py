@@ -232,3 +232,22 @@ def test_search_overhead_smoke_prints_every_figure():
         r"\d-worker DDP trial overhead: \d+\.\d\d s",
     ):
         assert re.search(pattern, summary), (pattern, summary)
+
+
+def test_stream_memory_writes_distinct_images_the_project_reads(tmp_path):
+    # The benchmark's full run trains for minutes (not in CI); its data writer is checked here.
+    import pyarrow.parquet as pq
+
+    stream_memory = load_benchmark("stream_memory")
+    stream_memory.write_images(tmp_path / "set", 50, 16)
+    table = pq.read_table(tmp_path / "set" / "part-0.parquet")
+    pixels = table["pixels"].combine_chunks().flatten().to_numpy().reshape(50, 3, 16, 16)
+    assert len({p.tobytes() for p in pixels}) == 50
+    assert pq.ParquetFile(tmp_path / "set" / "part-0.parquet").num_row_groups == 1
+    from raytrain_vae.config import load_config
+    from raytrain_vae.data import split_images
+
+    cfg = load_config("vae", [*stream_memory.TRAIN, f"data.path={tmp_path / 'set'}",
+                              "data.pixels_shape=[3,16,16]", "data.binarize=none"])  # fmt: skip
+    images, _ = split_images(cfg.data, "train")
+    assert images.shape[1:] == (3, 16, 16) and len(images) > 40

@@ -118,3 +118,32 @@ def test_hflip_mirrors_about_half_the_training_images_in_both_ingests(folder):
     fields = {k: np.array([v]) for k, v in dataclasses.asdict(val_unit).items()}
     fields["files"] = np.array([list(val_unit.files)], dtype=object)
     assert np.array_equal(read_unit_rows(fields, plan)["image"], read_unit(val_unit, plan).images)
+
+
+def test_a_parquet_row_group_without_images_of_a_split_adds_no_block(tmp_path, monkeypatch):
+    # Splits are drawn per image, so a small row group can hold no validation image at all.
+    # An empty image tensor is a column Ray Data cannot type (it pickles it, with a warning).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(data, "_CATALOGS", {})
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 3 * 4 * 4), np.uint8)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), 3 * 4 * 4)
+    pq.write_table(pa.table({"pixels": column}), tmp_path / "a.parquet", row_group_size=2)
+    cfg = tiny_config(
+        "data.source=parquet", f"data.path={tmp_path}", "data.image_column=pixels",
+        "data.pixels_shape=[3,4,4]", "data.binarize=none", "data.val_fraction=0.1",
+    ).data  # fmt: skip
+    catalog = data.catalog_for(cfg)
+    plan = ReadPlan.of(cfg, catalog)
+    outputs = []
+    for unit in catalog.units["val"]:
+        fields = {k: np.array([v]) for k, v in dataclasses.asdict(unit).items()}
+        fields["files"] = np.array([list(unit.files)], dtype=object)
+        outputs.append((read_unit(unit, plan).images, read_unit_rows(fields, plan)))
+    assert any(len(images) == 0 for images, _ in outputs)
+    for images, rows in outputs:
+        if len(images):
+            assert np.array_equal(rows["image"], images)
+        else:
+            assert rows == {}

@@ -9,7 +9,7 @@ import torch
 from torch.distributions import Normal
 
 from raytrain_vae.config import ConfigError, ModelSection
-from raytrain_vae.loop import EVAL_BATCH, negative_elbo_sums
+from raytrain_vae.loop import EVAL_BATCH, eval_batch_size, negative_elbo_sums
 from raytrain_vae.models.conv import ConvVAE
 from raytrain_vae.objectives import (
     bits_per_dim,
@@ -221,6 +221,25 @@ def test_negative_elbo_sums_leaves_rng_and_mode_alone(val_setup):
     model.eval()
     negative_elbo_sums(model, images, indices, CPU)
     assert not model.training
+
+
+@pytest.mark.parametrize(
+    "shape, size",
+    [((1, 28, 28), EVAL_BATCH), ((1, 4, 4), EVAL_BATCH), ((3, 32, 32), 261), ((3, 64, 64), 65),
+     ((3, 256, 256), 4), ((3, 2048, 2048), 1)],
+)  # fmt: skip
+def test_eval_batches_hold_at_most_a_28x28_batch_of_pixels(shape, size):
+    assert eval_batch_size(shape) == size
+
+
+def test_large_images_are_scored_in_smaller_batches():
+    model = make_model((3, 64, 64), channels=[2], hidden_dim=0, latent_dim=2)
+    images = torch.randint(0, 256, (150, 3, 64, 64), dtype=torch.uint8)
+    batches = []
+    encode = model.encode
+    model.encode = lambda x: batches.append(len(x)) or encode(x)
+    negative_elbo_sums(model, images, torch.arange(150), CPU)
+    assert batches == [65, 65, 20]
 
 
 def test_negative_elbo_sums_over_several_eval_batches():
