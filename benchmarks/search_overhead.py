@@ -14,7 +14,7 @@ the Ray Train controller and workers if any, data loading, model building, the e
 checkpoints and the teardown. Its overhead is that minus its epochs' time.
 
     python benchmarks/search_overhead.py          # the quickstart: 4 trials x 3 epochs, 6000 images
-    python benchmarks/search_overhead.py --smoke  # 2 trials x 1 epoch on 300 images
+    python benchmarks/search_overhead.py --smoke  # 2 trials (1 as Ray Train runs) x 1 epoch
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit", type=int, default=6000)
-    parser.add_argument("--smoke", action="store_true", help="2 trials x 1 epoch, 300 images")
+    parser.add_argument(
+        "--smoke", action="store_true", help="2 trials (1 as Ray Train runs) x 1 epoch, 300 images"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.trials, args.epochs, args.limit = 2, 1, 300

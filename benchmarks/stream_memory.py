@@ -59,13 +59,15 @@ def worker_peak_uss(cmd: list[str], log: Path) -> tuple[int, float]:
         while run.poll() is None:
             for process in psutil.process_iter(["cmdline"]):
                 try:
+                    # This run's embedded Ray is the only one: run nothing else meanwhile.
                     if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
                         peak = max(peak, process.memory_full_info().uss)
                 except psutil.Error:
                     pass
             time.sleep(0.2)
-    if run.returncode != 0:
-        sys.exit(f"training failed (exit {run.returncode}); its log: {log}")
+    if run.returncode != 0 or not peak:
+        tail = "\n".join(log.read_text().splitlines()[-20:])  # the folder is deleted on exit
+        sys.exit(f"{tail}\ntraining failed (exit {run.returncode}) or its worker was never seen")
     return peak, time.perf_counter() - start
 
 

@@ -34,7 +34,8 @@ def read_unit_rows(batch: dict[str, np.ndarray], plan: ReadPlan) -> dict[str, np
     images = np.concatenate([p.images for p in parts])
     if not len(images):
         # A unit may hold no image of this split. Ray Data cannot type an empty image tensor
-        # (it pickles the column, with a warning); a batch without columns adds no block.
+        # (it pickles the column, with a warning); a batch without columns gives an empty
+        # block, which its batching skips.
         return {}
     if plan.cfg.hflip and units[0].split == "train":  # augmented here, not in the training loop
         flip = np.random.default_rng().random(len(images)) < 0.5

@@ -6,16 +6,21 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from ray.tune import ProgressReporter
-from ray.tune.experiment import Trial
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
+
+MAX_ROWS = 20  # the best trials; a search of hundreds would scroll the rest away anyway
 
 
 class TrialTable(ProgressReporter):
     """Tune's progress reporter for a search: the table every `every_s` seconds and at the end,
-    when it changed. Tune's own CLIReporter always adds each trial's node and
-    process (`loc`), which tells a user nothing about the search."""
+    when it changed. Tune's own CLIReporter always adds each trial's node and process (`loc`),
+    which tells a user nothing about the search."""
 
     def __init__(
         self,
@@ -25,8 +30,10 @@ class TrialTable(ProgressReporter):
         total: int,
         every_s: float = 30.0,
     ) -> None:
-        self.metrics, self.params, self.sort_by, self.total = metrics, params, sort_by, total
-        self.every_s = every_s
+        # The metric that ranks trials is shown too (a multi-objective search ranks by the
+        # negative ELBO, a point on its front).
+        self.metrics = metrics if sort_by[0] in metrics else [*metrics, sort_by[0]]
+        self.params, self.sort_by, self.total, self.every_s = params, sort_by, total, every_s
         self._last_time = -math.inf
         self._last_text = ""
 
@@ -44,22 +51,27 @@ class TrialTable(ProgressReporter):
         counts = Counter(t.status for t in trials)
         states = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         header = f"== trials: {len(trials)} of {self.total} ({states}) =="
-        return f"{header}\n{self.frame(trials).to_string(index=False, na_rep='-')}"
+        frame = self.frame(trials)
+        lines = [header, frame.head(MAX_ROWS).to_string(index=False)]
+        if len(frame) > MAX_ROWS:
+            lines.append(f"... and {len(frame) - MAX_ROWS} more trials")
+        return "\n".join(lines)
 
     def frame(self, trials: list[Trial]) -> pd.DataFrame:
         """One row per trial, best first (trials without a result last), values formatted."""
         columns = ["trial", "status", "epoch", *self.metrics, *self.params]
-        frame = pd.DataFrame([self.row(t) for t in trials], columns=columns)
+        # object columns: a parameter some trials lack must not turn the others' ints to floats
+        frame = pd.DataFrame([self.row(t) for t in trials], columns=columns, dtype=object)
         metric, mode = self.sort_by
-        if metric in frame:
-            frame = frame.sort_values(
-                metric, ascending=mode == "min", na_position="last", kind="stable"
-            )
+        rank = pd.to_numeric(frame[metric], errors="coerce")  # NaN (and no result) last
+        frame = frame.loc[
+            rank.sort_values(ascending=mode == "min", na_position="last", kind="stable").index
+        ]
         for column in self.metrics:
-            frame[column] = frame[column].map(lambda v: "-" if _missing(v) else f"{v:.3f}")
+            frame[column] = frame[column].map(_metric_text)
         for column in self.params:
             frame[column] = frame[column].map(_param_text)
-        frame["epoch"] = frame["epoch"].map(lambda v: "-" if _missing(v) else str(int(v)))
+        frame["epoch"] = frame["epoch"].map(lambda v: "-" if v is None else str(int(v)))
         return frame
 
     def row(self, trial: Trial) -> dict:
@@ -73,12 +85,12 @@ class TrialTable(ProgressReporter):
         }
 
 
-def _missing(value: object) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+def _metric_text(value: object) -> str:
+    return "-" if value is None else f"{value:.3f}"  # a NaN shows as nan
 
 
 def _param_text(value: object) -> str:
-    if _missing(value):
+    if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"

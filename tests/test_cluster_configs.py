@@ -56,6 +56,9 @@ def test_every_launched_node_starts_with_token_auth_and_the_token(path):
 def test_every_kuberay_cluster_turns_token_auth_on(path):
     spec = yaml.safe_load(path.read_text())["spec"]["rayClusterSpec"]
     assert spec["authOptions"] == {"mode": "token"}
+    # The submitter pod and the operator call the jobs API through the head's Service: a
+    # dashboard bound to the pod's loopback would leave the job unsubmitted.
+    assert "dashboard-host" not in spec["headGroupSpec"]["rayStartParams"]
 
 
 def test_schema_check_is_real():

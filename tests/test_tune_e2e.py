@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -135,6 +137,9 @@ def test_a_healthy_search_prints_no_error_level_line_and_ends_with_its_summary(t
     # own schedule; the driver's own lines must end with the export.
     own = [x for x in proc.stdout.strip().splitlines() if not re.match(r"(\x1b\[\d+m)?\(", x)]
     assert own[-1].startswith("best trial ") and "exported to" in own[-1], proc.stdout[-2000:]
+    # The live table (raytrain_vae.live_view) is the one Tune printed, at least at the end.
+    assert "== trials: 2 of 2 (2 TERMINATED) ==" in proc.stdout, proc.stdout[-3000:]
+    assert "loc" not in proc.stdout.split()
 
 
 def free_port() -> int:
@@ -143,20 +148,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_job_agent(url: str, deadline: float) -> None:
+def wait_for_job_agent(head: Head, deadline: float) -> None:
     """The dashboard answers seconds before its job agent registers: until then a submission
     fails with "No available agent to submit job". Submit a no-op job until one is taken."""
-    env = clean_env() | {"RAY_AUTH_MODE": "token"}
     while True:
         proc = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", url, "--no-wait", "--", "true"],
-            env=env, capture_output=True, text=True, timeout=60,
+            [str(BIN / "ray"), "job", "submit", "--address", head.url, "--no-wait", "--", "true"],
+            env=head.env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         if proc.returncode == 0:
             return
         assert "No available agent" in proc.stderr + proc.stdout, proc.stderr[-2000:]
         assert time.monotonic() < deadline, "the head's job agent never registered"
         time.sleep(1)
+
+
+@dataclass
+class Head:
+    """A running `ray start --head`: its dashboard's URL, its token, and the environment a
+    client needs to reach it (RAY_AUTH_MODE=token and the token's file)."""
+
+    url: str
+    token: str
+    env: dict[str, str]
+
+
+def processes_of(temp_dir: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in part for part in process.info["cmdline"] or []):
+            found.append(process)
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +188,13 @@ def ray_head():
     # Ray's socket paths must stay short: a pytest tmp path is too long for them.
     temp_dir = tempfile.mkdtemp(prefix="rtv-", dir="/tmp")
     port, dashboard = free_port(), free_port()
-    # As the README and cluster/ start a head: Ray 2.60 leaves `ray start --head` without
-    # authentication unless a token exists and RAY_AUTH_MODE=token.
-    subprocess.run(
-        [str(BIN / "ray"), "get-auth-token", "--generate"],
-        env=clean_env(), capture_output=True, check=True, timeout=60,
-    )  # fmt: skip
+    # Started as the README says (a token, and RAY_AUTH_MODE=token: Ray 2.60's `ray start`
+    # otherwise runs without authentication), with a token of its own rather than the user's
+    # ~/.ray/auth_token, which would turn authentication on for every later `ray start` here.
+    token_file = Path(temp_dir) / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
+    env = clean_env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
     head = subprocess.Popen(
         [
             str(BIN / "ray"), "start", "--head", "--block",
@@ -179,10 +202,7 @@ def ray_head():
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
             "--num-cpus=2", f"--temp-dir={temp_dir}",
         ],
-        env=clean_env() | {"RAY_AUTH_MODE": "token"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{dashboard}"
     try:
@@ -196,25 +216,33 @@ def ray_head():
             except OSError:
                 assert head.poll() is None, "ray start --head exited"
                 time.sleep(1)
-        wait_for_job_agent(url, deadline)
-        yield url
+        head_info = Head(url, token_file.read_text(), env)
+        wait_for_job_agent(head_info, deadline)
+        yield head_info
     finally:
-        # `ray start --block` takes 15 s or more to obey SIGTERM; its processes hold nothing that
-        # outlives them (the object store's files are unlinked), so a short grace is enough.
+        # `ray start --block` takes 15 s or more to obey SIGTERM, so it gets 3 s, then SIGKILL
+        # for its group. Processes that left the group (Ray's workers, job drivers) must be gone
+        # soon after: none may outlive the test.
         kill_group(head, grace=3)
+        deadline = time.monotonic() + 15
+        while processes_of(temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = processes_of(temp_dir)
+        for process in left:
+            process.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, [" ".join(p.cmdline()[:2]) for p in left if p.is_running()]
 
 
 def test_ray_job_submit_runs_the_search_on_a_running_head(ray_head, tmp_path):
     config = write_search_config(tmp_path, "job", num_samples=2)
-    env = clean_env()
-    env["RAY_AUTH_MODE"] = "token"  # the CLI reads the head's token from ~/.ray/auth_token
     submit = subprocess.run(
         [
-            str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+            str(BIN / "ray"), "job", "submit", "--address", ray_head.url,
+            "--working-dir", str(REPO),
             "--", "python", "-m", "raytrain_vae.tune", str(config),
         ],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     out = submit.stdout + submit.stderr
     assert submit.returncode == 0, out[-4000:]
@@ -228,15 +256,14 @@ def test_ray_job_submit_runs_the_search_on_a_running_head(ray_head, tmp_path):
 def test_head_dashboard_needs_the_token_and_listens_on_loopback_only(ray_head):
     # Token auth is on: the jobs API refuses a request without the token and takes one with it.
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(f"{ray_head}/api/jobs/", timeout=10)
+        urllib.request.urlopen(f"{ray_head.url}/api/jobs/", timeout=10)
     assert refused.value.code in (401, 403)
-    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
     request = urllib.request.Request(
-        f"{ray_head}/api/jobs/", headers={"Authorization": f"Bearer {token}"}
+        f"{ray_head.url}/api/jobs/", headers={"Authorization": f"Bearer {ray_head.token}"}
     )
     with urllib.request.urlopen(request, timeout=10) as reply:
         assert reply.status == 200
-    port = int(ray_head.rsplit(":", 1)[1])
+    port = int(ray_head.url.rsplit(":", 1)[1])
     listening = {
         c.laddr.ip
         for c in psutil.net_connections(kind="inet")
@@ -248,15 +275,14 @@ def test_head_dashboard_needs_the_token_and_listens_on_loopback_only(ray_head):
 def test_job_asking_for_more_workers_than_a_fixed_cluster_holds_fails_fast(ray_head, tmp_path):
     # A plain `ray start --head` has no autoscaler: nothing will ever add the missing CPUs.
     config = write_search_config(tmp_path, "toolarge", num_samples=1)
-    env = clean_env()
-    env["RAY_AUTH_MODE"] = "token"
     start = time.monotonic()
     submit = subprocess.run(
         [
-            str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+            str(BIN / "ray"), "job", "submit", "--address", ray_head.url,
+            "--working-dir", str(REPO),
             "--", "python", "-m", "raytrain_vae.train", str(config), "scaling.num_workers=4",
         ],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     out = submit.stdout + submit.stderr
     assert submit.returncode != 0, out[-3000:]

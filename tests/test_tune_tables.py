@@ -575,7 +575,7 @@ def test_live_table_shows_metric_epoch_and_params_best_first_and_nothing_else(ca
     assert "2 TERMINATED" in capsys.readouterr().out
 
 
-def test_live_table_of_a_multi_objective_search_shows_both_metrics(tmp_path):
+def test_live_table_of_a_multi_objective_search_shows_both_metrics_and_ranks_by_the_elbo():
     from raytrain_vae.tune import live_view
 
     cfg = load_config(
@@ -586,13 +586,30 @@ def test_live_table_of_a_multi_objective_search_shows_both_metrics(tmp_path):
             "search.scheduler.type=none",
         ],
     )
+    first = {"epoch": 2, "val_recon": 250.0, "val_kl": 12.5, "val_neg_elbo": 262.5}
+    second = {"epoch": 2, "val_recon": 240.0, "val_kl": 20.0, "val_neg_elbo": 260.0}
+    trials = [LiveTrial("b1", "RUNNING", {}, first), LiveTrial("b2", "RUNNING", {}, second)]
+    lines = live_view(cfg, []).text(trials).splitlines()
+    assert lines[1].split() == ["trial", "status", "epoch", "val_recon", "val_kl", "val_neg_elbo"]
+    assert [line.split()[0] for line in lines[2:]] == ["b2", "b1"]
+
+
+def test_live_table_shows_the_best_20_a_nan_and_integer_parameters_as_given():
+    from raytrain_vae.live_view import TrialTable
+
+    table = TrialTable(["val_neg_elbo"], ["model.latent_dim"], ("val_neg_elbo", "min"), total=30)
     trials = [
-        LiveTrial(
-            "b1",
-            "RUNNING",
-            {},
-            {"epoch": 2, "val_recon": 250.0, "val_kl": 12.5, "val_neg_elbo": 262.5},
-        )
-    ]
-    header = live_view(cfg, []).text(trials).splitlines()[1].split()
-    assert header == ["trial", "status", "epoch", "val_recon", "val_kl"]
+        LiveTrial(f"t{i:02d}", "TERMINATED", {"model.latent_dim": 100000 + i},
+                  {"epoch": 3, "val_neg_elbo": 300.0 - i})
+        for i in range(24)
+    ]  # fmt: skip
+    trials.append(
+        LiveTrial("diverged", "ERROR", {"model.latent_dim": 8}, {"epoch": 1, "val_neg_elbo": NAN})
+    )
+    trials.append(LiveTrial("nokey", "PENDING", {}))
+    lines = table.text(trials).splitlines()
+    assert len(lines) == 1 + 1 + 20 + 1 and lines[-1] == "... and 6 more trials"
+    assert lines[2].split() == ["t23", "TERMINATED", "3", "277.000", "100023"]  # an int stays one
+    shown = table.frame(trials)
+    assert shown.iloc[-2:]["trial"].tolist() == ["diverged", "nokey"]  # NaN and no result last
+    assert shown.iloc[-2]["val_neg_elbo"] == "nan" and shown.iloc[-1]["model.latent_dim"] == "-"
