@@ -23,9 +23,7 @@ from raytrain_vae.objectives import bits_per_dim, elbo_terms, kl_weight, trainin
 from raytrain_vae.optim import set_learning_rate
 
 EVAL_BATCH = 1024
-# Evaluation batches hold at most this many pixels (EVAL_BATCH images of 28x28): a batch of 1024
-# RGB 256x256 images would take gigabytes of activations.
-EVAL_PIXELS = EVAL_BATCH * 28 * 28
+EVAL_PIXELS = EVAL_BATCH * 28 * 28  # 1024 RGB 256x256 images would take gigabytes of activations
 
 
 def eval_batch_size(image_shape: tuple[int, ...]) -> int:
