@@ -1,13 +1,17 @@
 """raytrain_vae: convolutional VAEs trained with Ray Train, searched with Ray Tune + Optuna.
 
 The Python API (raytrain_vae.api), imported on first use so that `import raytrain_vae` stays
-light: load_config, train, search, load_model, evaluate."""
+light: load_config, train, search, load_model, evaluate. Importing it sets the regex of Ray's
+notices our drivers skip (raytrain_vae.ray_notices), which Ray reads when it is first imported."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from raytrain_vae.ray_notices import skip_known_ray_notices
 from raytrain_vae.version import __version__
+
+skip_known_ray_notices()
 
 __all__ = [
     "SearchResult",

@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raytrain_vae"
 # the training, search or batch-job layers, nor Ray.
 LOWER = {
     "version",
+    "ray_notices",
     "config",
     "outputs",
     "likelihoods",
