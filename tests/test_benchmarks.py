@@ -240,9 +240,10 @@ def test_search_overhead_smoke_prints_every_figure():
         "1 worker, in the trial's process",
         "1 worker, Ray Train run",
         r"\d workers \(DDP\), Ray Train run",
+        "1 worker, in the trial's process, 3 trials",
     ):
         assert re.search(
-            rf"\n{label}\s*: \d trials, per-trial overhead \(median\)\s+\d+\.\d\d s, "
+            rf"\n{label}\s*: \d+ trials, per-trial overhead \(median\)\s+\d+\.\d\d s, "
             r"search\s+\d+\.\d s for\s+\d+\.\d s of epochs = \d+\.\d\dx",
             out,
         ), (label, out[-3000:])
@@ -250,7 +251,9 @@ def test_search_overhead_smoke_prints_every_figure():
     for pattern in (
         r"one-worker per-trial overhead: \d+\.\d\d s",
         r"one-worker search / its epochs: \d+\.\d\dx",
-        r"one-worker search after Ray start-up \(\d+\.\d s\): \d+\.\d s against "
+        r"one-worker search of 2 trials after Ray start-up \(\d+\.\d s\): \d+\.\d s against "
+        r"1\.2 x epochs = \d+\.\d s \((met|not met)\)",
+        r"one-worker search of 3 trials after Ray start-up \(\d+\.\d s\): \d+\.\d s against "
         r"1\.2 x epochs = \d+\.\d s \((met|not met)\)",
         r"one-worker first trial's overhead \(Tune's start, the trial process\): \d+\.\d\d s",
         r"overhead in-process / Ray Train run: \d+\.\d\dx",
