@@ -30,6 +30,12 @@ RAY_DATA_ERROR_LOGGERS = (
     "ray.data.exceptions",
 )
 
+# Ray 2.60 warns on every start of an embedded cluster that it turned token authentication on
+# (the README says so, and how to opt out), through this private module's logger, named after
+# it. A warning that authentication is off still shows.
+AUTH_NOTICE_MODULE = "ray._private.authentication.authentication_token_setup"
+AUTH_ON_NOTICE = "Token authentication is enabled for this Ray cluster"
+
 
 class ResourceError(UserError):
     """A request for CPUs or GPUs the cluster does not hold and will not get."""
@@ -38,7 +44,14 @@ class ResourceError(UserError):
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS, or start an embedded local Ray."""
     if not ray.is_initialized():
+        if embedded():
+            logging.getLogger(AUTH_NOTICE_MODULE).addFilter(skip_auth_on_notice)
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def skip_auth_on_notice(record: logging.LogRecord) -> bool:
+    """A logging filter: False for Ray's notice that it turned token authentication on."""
+    return not record.getMessage().startswith(AUTH_ON_NOTICE)
 
 
 def embedded() -> bool:

@@ -137,13 +137,7 @@ def test_a_healthy_search_prints_no_error_or_warning_line_and_ends_with_its_summ
         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # Ray's notice that it turned token authentication on for the embedded cluster is the one
-    # warning kept: a security setting users should see, with how to change it.
-    alarms = [
-        line
-        for line in (proc.stdout + proc.stderr).splitlines()
-        if ALARM_LINE.search(line) and "Token authentication is enabled" not in line
-    ]
+    alarms = [line for line in (proc.stdout + proc.stderr).splitlines() if ALARM_LINE.search(line)]
     assert not alarms, "\n".join(alarms[:20])
     epoch_lines = [line for line in proc.stdout.splitlines() if "epoch 1/2" in line]
     assert len(epoch_lines) == trials, proc.stdout[-3000:]
