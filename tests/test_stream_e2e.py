@@ -166,7 +166,7 @@ def test_train_search_export_and_sample_against_s3(s3_server, tmp_path):
     export = tmp_path / "export"
     search = run_cli(
         "tune", str(REPO / "configs/quickstart.yaml"), *common, "train.epochs=1",
-        "search.num_samples=2", "search.space={train.lr: {choice: [0.001, 0.002]}}",
+        "search.num_samples=1", "search.space={train.lr: {choice: [0.001, 0.002]}}",
         "run.name=s3search", f"export.dir={export}", cwd=tmp_path,
     )  # fmt: skip
     assert search.returncode == 0, search.stderr[-3000:]
