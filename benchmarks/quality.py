@@ -182,6 +182,7 @@ def hierarchical_row(cfg, args, splits, iwae_images, conv_epoch_s: float) -> dic
         "epoch_time_ratio": epoch_s / conv_epoch_s,
         "kl_per_level": scored["kl_per_level"],
         "active_units": scored["active_units"],
+        "conditional_active_units": scored["conditional_active_units"],
         "units": scored["units"],
     }
 
@@ -309,7 +310,8 @@ def report_hierarchical(
         f"{deep['curve'][-1] - conv_elbo:+.2f} nats against the default (line: 230)"
     )
     kl = ", ".join(
-        f"{name} {value:.2f} ({deep['active_units'][name]}/{deep['units'][name]} active)"
+        f"{name} {value:.2f} ({deep['active_units'][name]}/{deep['units'][name]} active, "
+        f"{deep['conditional_active_units'][name]} conditionally)"
         for name, value in deep["kl_per_level"].items()
     )
     print(f"hierarchical KL per level (nats, test split): {kl}")

@@ -1,5 +1,7 @@
 """What a model's latents do: KL per level and per latent group, and active units (Burda et al.
-2016: a unit whose posterior mean varies across the data with variance above 0.01)."""
+2016: a unit whose posterior mean varies across the data with variance above 0.01), also
+conditionally: the posterior mean less the prior mean given the levels above, whose variance
+says whether a lower unit carries the image's information or only follows the levels above."""
 
 from __future__ import annotations
 
@@ -48,9 +50,11 @@ def group_sizes(model: VAE) -> list[int]:
 
 
 def latent_diagnostics(
-    model: VAE, kl_per_group: torch.Tensor, activity: UnitActivity
+    model: VAE, kl_per_group: torch.Tensor, activity: UnitActivity, shifts: UnitActivity
 ) -> dict[str, Any]:
-    """KL per level and per group (nats per image), and active units out of each level's units."""
+    """KL per level and per group (nats per image), and active units out of each level's units,
+    plain (activity: of the posterior means) and conditional (shifts: of the means less the
+    prior means)."""
     names = list(model.level_names)
     per_level = kl_per_group.split(group_sizes(model))
     units = [len(s) for s in activity.sums]
@@ -59,5 +63,6 @@ def latent_diagnostics(
         "kl_per_level": {n: float(k.sum()) for n, k in kl.items()},
         "kl_per_group": {n: [round(float(v), 4) for v in k] for n, k in kl.items()},
         "active_units": {n: a for n, a in zip(names, activity.active(), strict=True)},
+        "conditional_active_units": dict(zip(names, shifts.active(), strict=True)),
         "units": {n: u for n, u in zip(names, units, strict=True)},
     }

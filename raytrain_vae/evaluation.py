@@ -64,7 +64,7 @@ def score_images(
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     sums = {"recon": 0.0, "kl": 0.0, "iwae": 0.0, "mse": 0.0}
-    kl_groups, activity = 0.0, UnitActivity()
+    kl_groups, activity, shifts = 0.0, UnitActivity(), UnitActivity()
     for start in range(0, len(images), batch_size):
         x = to_model_input(images[start : start + batch_size].to(device), False)
         p = model(x)
@@ -73,6 +73,7 @@ def score_images(
         kl_groups = kl_groups + p.kl_groups[0].double().sum(dim=0)
         mean = model.mean_pass(x)
         activity.add(mean.means)
+        shifts.add(mean.shifts)
         sums["mse"] += (model.mean_image(mean.out) - x).pow(2).flatten(1).mean(1).sum().item()
         if k:
             sums["iwae"] += iwae_nll(model, x, k).sum().item()
@@ -95,7 +96,7 @@ def score_images(
             "bits_per_dim": bits_per_dim(sums["iwae"] / n, dims),
         }
     metrics["bits_per_dim_means"] = model.likelihood.bits_per_dim_meaning
-    return metrics | latent_diagnostics(model, kl_groups / n, activity)
+    return metrics | latent_diagnostics(model, kl_groups / n, activity, shifts)
 
 
 def evaluate_export(
@@ -200,8 +201,12 @@ def metric_lines(model: str, m: dict) -> list[str]:
     for name, kl in m["kl_per_level"].items():
         lines.append(
             f"  level {name:<10} KL {kl:8.3f} nats  active units {m['active_units'][name]}/"
-            f"{m['units'][name]} (posterior mean variance > 0.01)"
+            f"{m['units'][name]}, conditional {m['conditional_active_units'][name]}"
         )
+    lines.append(
+        "  (active: posterior mean variance over the images > 0.01; conditional: of the "
+        "posterior mean less the prior mean given the levels above)"
+    )
     return lines
 
 

@@ -183,6 +183,11 @@ OVERRIDE_CASES: dict[str, tuple[str, list[str], str]] = {
     "storage-below-a-file": ("train", ["run.storage_path=a-file/runs"], "not writable"),
     "home-of-no-user": ("train", ["data.root=~no-such-user-here/data"], "no such user"),
     "newline-in-key": ("train", ["train.l\nr=1"], "train.l\\nr: unknown key"),
+    "misspelt-level-key": (
+        "train",
+        ["model.type=hierarchical", "model.levels=[{sise: 7, channels: 4}]"],
+        "model.levels.0.sise: unknown key",
+    ),
     "val-fraction-leaves-nothing": (
         "train",
         ["data.limit=null", "data.val_fraction=0.99999", "scaling.num_workers=2"],

@@ -47,6 +47,7 @@ ELBO_KEYS = {
     "kl_per_level",
     "kl_per_group",
     "active_units",
+    "conditional_active_units",
     "units",
 }
 IWAE_KEYS = {"iwae_k", "iwae_nll", "bits_per_dim"}

@@ -235,6 +235,24 @@ def test_active_units_are_none_when_the_top_is_forced_to_the_prior():
     assert metrics["kl"] == pytest.approx(sum(metrics["kl_per_level"].values()), rel=1e-6)
 
 
+def test_conditional_active_units_count_only_what_the_image_adds_below_the_top():
+    model = make_model()
+    shake(model, scale=0.3)
+    x = (images(n=64) * 255).to(torch.uint8)
+    shaken = evaluate(model, x, k=0, batch_size=16)
+    assert all(shaken["conditional_active_units"][name] > 0 for name in model.level_names)
+    with torch.no_grad():
+        for level in model.levels:  # each posterior is its prior: x adds nothing below the top
+            level.correction[-1].weight.zero_()
+            level.correction[-1].bias.zero_()
+    m = evaluate(model, x, k=0, batch_size=16)
+    for name in model.level_names[1:]:
+        assert m["active_units"][name] > 0  # the means still follow the levels above
+        assert m["conditional_active_units"][name] == 0
+    top = m["active_units"]["top"]
+    assert m["conditional_active_units"]["top"] == top > 0  # the top's prior mean is 0
+
+
 def test_training_lowers_the_loss():
     model = make_model().train()
     x = images(n=64, seed=3)

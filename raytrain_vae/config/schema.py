@@ -81,7 +81,9 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 
 
 def _validation_message(err: ValidationError) -> str:
-    first = err.errors()[0]
+    errors = err.errors()
+    # A misspelt key is also a missing one: name the unknown key, the cause, first.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"

@@ -34,10 +34,13 @@ class MeanPass(NamedTuple):
     """The deterministic pass: every level at its posterior mean (given the means above it).
 
     out: decoder output, (B, C, H, W). means: each level's posterior mean, flattened to
-    (B, units), top level first (active units are counted on these)."""
+    (B, units), top level first (active units are counted on these). shifts: the same less each
+    level's prior mean (the top's prior mean is 0): what the image adds to what the levels above
+    already say (conditional active units are counted on these)."""
 
     out: torch.Tensor
     means: list[torch.Tensor]
+    shifts: list[torch.Tensor]
 
 
 def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

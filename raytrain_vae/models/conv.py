@@ -208,7 +208,7 @@ class ConvVAE(nn.Module):
     def mean_pass(self, x: torch.Tensor, up: tuple | None = None) -> MeanPass:
         """Decode the posterior mean of each image (up: bottom_up(x), if already computed)."""
         mu = self.encode(x)[0] if up is None else up[0]
-        return MeanPass(self.decode(mu), [mu])
+        return MeanPass(self.decode(mu), [mu], [mu])
 
     def generate(self, noise: torch.Tensor, temperature: float | list[float] = 1.0) -> torch.Tensor:
         """Decoder output for new images from standard normal noise (B, noise_size): z =

@@ -173,16 +173,17 @@ class HierarchicalVAE(ConvVAE):
         """Every level at its posterior mean, given the means above it (up: bottom_up(x), if
         already computed)."""
         mu, _, features = self.bottom_up(x) if up is None else up
-        means = [mu]
+        means, shifts = [mu], [mu]
 
         def draw(i: int, level: Level, h: torch.Tensor) -> torch.Tensor:
             mu_p, logvar_p = level.prior_params(h)
             up_i = self.features_at(features, self.level_stages[i])
             mu_q, _ = level.posterior_params(h, up_i, mu_p, logvar_p)
             means.append(mu_q.flatten(1))
+            shifts.append((mu_q - mu_p).flatten(1))
             return mu_q
 
-        return MeanPass(self.walk_levels(mu, draw), means)
+        return MeanPass(self.walk_levels(mu, draw), means, shifts)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """From a top z, every lower level at its prior mean (temperature 0 below the top)."""
