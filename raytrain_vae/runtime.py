@@ -31,8 +31,8 @@ RAY_DATA_ERROR_LOGGERS = (
 )
 
 # Ray 2.60 warns on every start of an embedded cluster that it turned token authentication on
-# (the README says so, and how to opt out), through this private module's logger, named after
-# it. A warning that authentication is off still shows.
+# (the README's security notes say it does, and to keep it on), through this private module's
+# logger, named after it. A warning that authentication is off still shows.
 AUTH_NOTICE_MODULE = "ray._private.authentication.authentication_token_setup"
 AUTH_ON_NOTICE = "Token authentication is enabled for this Ray cluster"
 
