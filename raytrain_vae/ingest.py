@@ -12,6 +12,7 @@ import ray.data
 import torch
 from ray.train import DataConfig
 
+from raytrain_vae.block_shuffle import block_batches
 from raytrain_vae.config import Config
 from raytrain_vae.data import catalog_for, image_shape
 from raytrain_vae.data.catalog import Unit
@@ -22,9 +23,8 @@ READ_TASK_CPUS = 0.25
 # What a streamed run keeps free beside its workers: Ray 2.60 shares the spare CPUs with Ray
 # Data in whole CPUs (0.5 spare became 0, and the stream stalled), so one whole CPU.
 STREAM_SPARE_CPUS = 1.0
-# Batches each worker formats ahead in background threads while it trains on the current one:
-# with 1, formatting and the local shuffle ran in turn with the steps (docs/performance.md).
-PREFETCH_BATCHES = 4
+# Blocks each worker fetches ahead in a background thread while it trains on the current one.
+PREFETCH_BLOCKS = 4
 
 
 def read_unit_rows(batch: dict[str, np.ndarray], plan: ReadPlan) -> dict[str, np.ndarray]:
@@ -117,25 +117,33 @@ class ShardedValidation(DataConfig):
 @dataclasses.dataclass
 class ShardStream:
     """loop.BatchStream over this rank's dataset shards: Ray Train's shards, or in a trial's
-    own process the whole datasets (`shard_of` gives either by name)."""
+    own process the whole datasets (`shard_of` gives either by name). Blocks come whole from
+    Ray Data and are cut into batches here (block_shuffle), the local shuffle seeded by
+    (seed, epoch, rank); the block order is Ray Data's fresh random order."""
 
     n_train: int
     shuffle_buffer: int
     device: torch.device
     shard_of: Callable[[str], Any]
+    seed: int = 0
+    rank: int = 0
 
-    def _batches(self, name: str, batch_size: int, shuffle: bool) -> Iterator[torch.Tensor]:
-        shard = self.shard_of(name)
-        for batch in shard.iter_torch_batches(
-            batch_size=batch_size,
-            local_shuffle_buffer_size=(self.shuffle_buffer or None) if shuffle else None,
-            prefetch_batches=PREFETCH_BATCHES,
-            device=self.device,
-        ):
-            yield batch["image"]
+    def row_batches(
+        self, name: str, batch_size: int, rng: np.random.Generator | None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of a shard's rows (image, label, hash), shuffled through the buffer when
+        an rng is given."""
+        blocks = self.shard_of(name).iter_batches(
+            batch_size=None, batch_format="numpy", prefetch_batches=PREFETCH_BLOCKS
+        )
+        buffer = self.shuffle_buffer if rng is not None else 0
+        return block_batches(blocks, batch_size, buffer, rng)
 
     def train_batches(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
-        return self._batches("train", batch_size, shuffle=True)
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        for rows in self.row_batches("train", batch_size, rng):
+            yield torch.from_numpy(rows["image"]).to(self.device)
 
     def val_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        return self._batches("val", batch_size, shuffle=False)
+        for rows in self.row_batches("val", batch_size, None):
+            yield torch.from_numpy(rows["image"]).to(self.device)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from raytrain_vae.config import UserError
+from raytrain_vae.data.pixels import pixel_rows
 from raytrain_vae.data.preprocess import ImageSpec, crop_and_resize
 from raytrain_vae.storage import filesystem_for
 
@@ -155,57 +156,9 @@ def _pixels_column(
 ) -> np.ndarray:
     """(N, C*H*W) uint8 from a list column of C*H*W integer values 0..255 per row (the model's
     own size: pixels are taken as they are); rows count from first."""
-    size = int(np.prod(shape))
-    kind, shown = column.type, shown_text(column.type, 40, keep_end=False)
-    if not (
-        pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
-    ):
-        raise UserError(
-            f"{where}: column `pixels` must hold a list of {size} values per row (got {shown})"
-        )
-    if not (pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)):
-        raise UserError(f"{where}: column `pixels` must hold integers 0..255 (got {shown})")
-    parts, start = [], first
-    for chunk in column.chunks:
-        parts.append(_pixel_chunk(chunk, start, shape, where))
-        start += len(chunk)
-    return np.concatenate(parts)
-
-
-def _pixel_chunk(
-    chunk: pa.Array, start: int, shape: tuple[int, int, int], where: str
-) -> np.ndarray:
-    """One chunk of a `pixels` column (its first row is row `start`) -> (n, C*H*W) uint8."""
-    size = int(np.prod(shape))
-    if chunk.null_count:
-        row = start + int(np.flatnonzero(chunk.is_null().to_numpy(zero_copy_only=False))[0])
-        raise UserError(f"{where} row {row}: `pixels` is null")
-    if pa.types.is_fixed_size_list(chunk.type):
-        lengths = np.full(len(chunk), chunk.type.list_size)
-    else:
-        lengths = chunk.value_lengths().to_numpy()
-    wrong = np.flatnonzero(lengths != size)
-    if wrong.size:
-        row, n = start + int(wrong[0]), int(lengths[wrong[0]])
-        c, h, w = shape
-        raise UserError(
-            f"{where} row {row}: `pixels` holds {n} values, the model takes {size} ({c}x{h}x{w})"
-        )
-    values = chunk.flatten()
-    if values.null_count:
-        index = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
-        raise UserError(f"{where} row {start + index // size}: `pixels` holds a null value")
-    v = values.to_numpy()
-    bad = (v < 0) | (v > 255)
-    if v.dtype.kind == "f":
-        bad |= ~np.isfinite(v) | (v != np.floor(v))
-    if bad.any():
-        index = int(np.flatnonzero(bad)[0])
-        raise UserError(
-            f"{where} row {start + index // size}: `pixels` holds {v[index].item()!r}; "
-            "pixels must be integers 0..255"
-        )
-    return v.astype(np.uint8).reshape(-1, size)
+    c, h, w = shape
+    needs = f"the model takes {c * h * w} ({c}x{h}x{w})"
+    return pixel_rows(column, c * h * w, where, "pixels", needs, first)
 
 
 def _decode_png(data: bytes, plan: InputPlan, where: str = "input") -> np.ndarray:

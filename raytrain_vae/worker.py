@@ -98,7 +98,8 @@ def build_run(cfg: Config, host: RankHost, stream: dict | None) -> RankRun:
     """This rank's RankRun: its images in memory, or streamed from its dataset shards."""
     if stream is None:
         return build_rank_run(cfg, host.rank, host.world, host.device)
-    shards = ShardStream(stream["n_train"], cfg.data.shuffle_buffer, host.device, host.dataset)
+    shards = ShardStream(stream["n_train"], cfg.data.shuffle_buffer, host.device, host.dataset,
+                         seed=cfg.train.seed, rank=host.rank)  # fmt: skip
     image_shape = tuple(stream["image_shape"])
     return new_rank_run(cfg, host.rank, host.world, host.device, image_shape, stream=shards)
 

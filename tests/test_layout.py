@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raytrain_vae"
 LOWER = {
     "version",
     "ray_notices",
+    "block_shuffle",
     "config",
     "outputs",
     "likelihoods",

@@ -336,6 +336,41 @@ def test_parquet_pixels_column(tmp_path):
     assert s3.image_shape == (3, 8, 8) and torch.equal(s3.train[:, 1:2], s.train)
 
 
+def test_parquet_pixels_are_shaped_as_one_batch_like_each_image_alone(tmp_path):
+    """The pixels column is converted a row group at a time; each image comes out as the
+    spec makes it of that image alone (grey to RGB, centre crop, antialiased resize)."""
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (40, 1, 10, 12), dtype=np.uint8)
+    column = pa.array([row.ravel().tolist() for row in pixels], pa.list_(pa.int16()))
+    pq.write_table(pa.table({"pixels": column}), tmp_path / "p.parquet", row_group_size=16)
+    cfg = parquet_cfg(tmp_path / "p.parquet", image_column="pixels", pixels_shape=[1, 10, 12],
+                      channels=3, crop=[8, 10], image_size=[4, 5])  # fmt: skip
+    s = load_splits(cfg)
+    alone = TVF.resize(TVF.center_crop(torch.from_numpy(pixels), [8, 10]), [4, 5], antialias=True)
+    expected = sorted(a.expand(3, -1, -1).numpy().tobytes() for a in alone)
+    assert s.image_shape == (3, 4, 5)
+    assert sorted(rows_of(torch.cat([s.train, s.val, s.test]))) == expected
+
+
+@pytest.mark.parametrize(
+    "row, phrase",
+    [
+        ([7] * 63, "row 21: `pixels` holds 63 values, data.pixels_shape [1, 8, 8] needs 64"),
+        ([7] * 63 + [300], "row 21: `pixels` holds 300; pixels must be integers 0..255"),
+        ([7] * 63 + [None], "row 21: `pixels` holds a null value"),
+        (None, "row 21: `pixels` is null"),
+    ],
+)
+def test_parquet_bad_pixel_row_is_named(tmp_path, row, phrase):
+    rows = [[7] * 64] * 21 + [row] + [[7] * 64] * 5
+    pq.write_table(pa.table({"pixels": pa.array(rows, pa.list_(pa.int64()))}),
+                   tmp_path / "p.parquet", row_group_size=8)  # fmt: skip
+    cfg = parquet_cfg(tmp_path / "p.parquet", image_column="pixels", pixels_shape=[1, 8, 8])
+    with pytest.raises(DataError) as raised:
+        load_splits(cfg.model_copy(update={"channels": 1}))
+    assert str(raised.value) == f"{tmp_path / 'p.parquet'} {phrase}"
+
+
 def test_parquet_id_column_keeps_splits_through_renames(tmp_path):
     table, pngs = png_table(40, seed=5, id=[f"img-{i}" for i in range(40)])
     (tmp_path / "pq").mkdir()

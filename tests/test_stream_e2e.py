@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import ray.train
+import torch
 from PIL import Image
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -23,7 +24,7 @@ from raytrain_vae import data
 from raytrain_vae.config import load_config
 from raytrain_vae.data import catalog as catalog_module
 from raytrain_vae.data.files import ReadPlan, read_units
-from raytrain_vae.ingest import ShardedValidation, stream_datasets
+from raytrain_vae.ingest import ShardedValidation, ShardStream, stream_datasets
 from raytrain_vae.storage import list_files
 
 pytestmark = pytest.mark.slow
@@ -61,7 +62,8 @@ def test_stream_epochs_cover_the_training_split(tmp_path, ray_local, world, monk
     an epoch is fresh."""
     # Units of 8 files: ~34 training blocks, so two epochs drawing the same block order (which
     # 5 units of 64 did by chance, about once in a hundred runs) cannot happen in practice.
-    monkeypatch.setattr(catalog_module, "FILES_PER_UNIT", 8)
+    monkeypatch.setattr(catalog_module, "MIN_FILES_PER_UNIT", 8)
+    monkeypatch.setattr(catalog_module, "MAX_FILES_PER_UNIT", 8)
     folder = write_folder(tmp_path / "imgs", 300)
     cfg = load_config(None, ["data.source=image_folder", f"data.path={folder}", *TINY])
     catalog = data.catalog_for(cfg.data)
@@ -74,11 +76,12 @@ def test_stream_epochs_cover_the_training_split(tmp_path, ray_local, world, monk
 
     def worker(_: dict) -> None:
         rank = ray.train.get_context().get_world_rank()
+        # The batches the training loop takes: our block batching and local shuffle buffer.
+        stream = ShardStream(0, 16, torch.device("cpu"), ray.train.get_dataset_shard, rank=rank)
         for epoch in range(2):
-            train = ray.train.get_dataset_shard("train")
-            seen = [int(h) for b in train.iter_batches(batch_size=7) for h in b["hash"]]
-            val = ray.train.get_dataset_shard("val")
-            scored = [int(h) for b in val.iter_batches(batch_size=5) for h in b["hash"]]
+            rng = np.random.default_rng([0, epoch, rank])
+            seen = [int(h) for b in stream.row_batches("train", 7, rng) for h in b["hash"]]
+            scored = [int(h) for b in stream.row_batches("val", 5, None) for h in b["hash"]]
             np.save(marker / f"{epoch}-{rank}-train.npy", np.array(seen, np.int64))
             np.save(marker / f"{epoch}-{rank}-val.npy", np.array(scored, np.int64))
             ray.train.report({"epoch": epoch})

@@ -8,12 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from raytrain_vae.config import DataSection
 from raytrain_vae.data.catalog import Catalog, Unit, label_of, relative_key, row_hashes
-from raytrain_vae.data.preprocess import ImageSpec, decode_image, pixels_to_image, spec_of
+from raytrain_vae.data.pixels import pixel_rows
+from raytrain_vae.data.preprocess import ImageSpec, decode_image, preprocess, spec_of
 from raytrain_vae.data.source import DataError
 from raytrain_vae.data.splits import SPLIT_CODES, binarize_by_hash, key_hash, split_codes
 from raytrain_vae.storage import filesystem_for, read_bytes
@@ -99,27 +101,41 @@ def _read_row_group(unit: Unit, plan: ReadPlan) -> Rows:
     keep = np.arange(len(hashes))
     if unit.split is not None:
         keep = np.flatnonzero(split_codes(hashes, cfg, plan.cut) == SPLIT_CODES[unit.split])
-    values = table.column(cfg.image_column).combine_chunks()
     where = [f"{unit.parquet} row {unit.first_row + i}" for i in keep]
-    images = [_row_image(values[int(i)].as_py(), plan, w) for i, w in zip(keep, where, strict=True)]
+    column = table.column(cfg.image_column)
+    if cfg.pixels_shape is not None:
+        images = _pixel_images(column, keep, unit, plan)
+    else:
+        values = column.take(keep).to_pylist()
+        decoded = [_bytes_image(v, plan, w) for v, w in zip(values, where, strict=True)]
+        images = np.stack(decoded) if decoded else np.empty((0, *plan.shape), np.uint8)
     labels = np.full(len(keep), -1, dtype=np.int64)
     if cfg.label_column:
         labels = np.asarray(table.column(cfg.label_column).to_numpy(zero_copy_only=False))[keep]
-    shape = (0, *plan.shape)
-    return Rows(np.stack(images) if images else np.empty(shape, np.uint8),
-                labels.astype(np.int64), hashes[keep], where)  # fmt: skip
+    return Rows(images, labels.astype(np.int64), hashes[keep], where)
 
 
-def _row_image(value: object, plan: ReadPlan, where: str) -> np.ndarray:
+def _pixel_images(
+    column: pa.ChunkedArray, keep: np.ndarray, unit: Unit, plan: ReadPlan
+) -> np.ndarray:
+    """The kept rows of a pixels column (data.pixels_shape) as uint8 (n, C, H, W) through the
+    spec, converted as one batch: every row of the row group is checked, the kept ones shaped."""
+    shape = tuple(plan.cfg.pixels_shape)
+    size = int(np.prod(shape))
+    needs = f"data.pixels_shape {list(shape)} needs {size}"
+    rows = pixel_rows(column, size, unit.parquet, plan.cfg.image_column, needs, unit.first_row)
+    images = preprocess(torch.from_numpy(rows[keep].reshape(-1, *shape)), plan.spec)
+    if len(keep):
+        _check_shape(images[0], plan, f"{unit.parquet} row {unit.first_row + int(keep[0])}")
+    return images.numpy()
+
+
+def _bytes_image(value: object, plan: ReadPlan, where: str) -> np.ndarray:
     if value is None:
         raise DataError(f"{where}: column {plan.cfg.image_column!r} is null")
-    if plan.cfg.pixels_shape is not None:
-        image = pixels_to_image(np.asarray(value), tuple(plan.cfg.pixels_shape), plan.spec, where)
-    elif isinstance(value, bytes):
-        image = decode_image(value, plan.spec, where)
-    else:
+    if not isinstance(value, bytes):
         raise DataError(f"{where}: {plan.cfg.image_column!r} is not image bytes")
-    return _check_shape(image, plan, where)
+    return _check_shape(decode_image(value, plan.spec, where), plan, where)
 
 
 def read_units(units: tuple[Unit, ...], plan: ReadPlan) -> Rows:

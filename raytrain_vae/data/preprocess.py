@@ -85,19 +85,3 @@ def decode_image(data: bytes, spec: ImageSpec, where: str) -> torch.Tensor:
     array = np.array(image)  # writable: torch refuses to share a read-only buffer
     tensor = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
     return crop_and_resize(tensor, spec, where).contiguous()
-
-
-def pixels_to_image(
-    values: np.ndarray, shape: tuple[int, int, int], spec: ImageSpec, where: str
-) -> torch.Tensor:
-    """A row of C*H*W integer pixel values (shape given by data.pixels_shape) -> uint8 (C, H, W)
-    through the spec."""
-    if values.size != int(np.prod(shape)):
-        raise DataError(
-            f"{where}: holds {values.size} pixel values, data.pixels_shape {list(shape)} "
-            f"needs {int(np.prod(shape))}"
-        )
-    if values.dtype.kind not in "iu" or (values.size and (values.min() < 0 or values.max() > 255)):
-        raise DataError(f"{where}: pixel values must be integers 0..255")
-    image = torch.from_numpy(values.astype(np.uint8).reshape(1, *shape))
-    return preprocess(image, spec)[0]
