@@ -70,8 +70,9 @@ def units_dataset(units: tuple[Unit, ...], plan: ReadPlan, shuffle: bool) -> ray
 
 
 def stream_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
-    """The training (shuffled each epoch) and validation datasets of a streamed run. A decode
-    error inside a task reaches the driver as our own one-line error."""
+    """The training (read and shuffled afresh each epoch) and validation (read once) datasets
+    of a streamed run. A decode error inside a task reaches the driver as our own one-line
+    error."""
     catalog = catalog_for(cfg.data)
     plan = ReadPlan.of(cfg.data, catalog)
     ctx = ray.data.DataContext.get_current()
@@ -80,9 +81,12 @@ def stream_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
     # progress bars in the training log.
     ctx.raise_original_map_exception, ctx.enable_progress_bars = True, False
     try:
+        # Validation is read once, here, and kept in Ray's object store (spilled to disk when
+        # it is full): its images are spread over every unit by the hash split, so reading
+        # them every epoch would read the whole set again.
         return {
             "train": units_dataset(catalog.units["train"], plan, shuffle=True),
-            "val": units_dataset(catalog.units["val"], plan, shuffle=False),
+            "val": units_dataset(catalog.units["val"], plan, shuffle=False).materialize(),
         }
     finally:
         ctx.raise_original_map_exception, ctx.enable_progress_bars = saved

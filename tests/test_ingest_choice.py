@@ -147,3 +147,12 @@ def test_a_parquet_row_group_without_images_of_a_split_adds_no_block(tmp_path, m
             assert np.array_equal(rows["image"], images)
         else:
             assert rows == {}
+
+
+def test_image_folder_units_hold_about_unit_bytes_of_decoded_images():
+    """Few Ray Data tasks per epoch for small images, few images per task for large ones."""
+    from raytrain_vae.data.catalog import MAX_FILES_PER_UNIT, MIN_FILES_PER_UNIT, files_per_unit
+
+    assert files_per_unit(28 * 28) == MAX_FILES_PER_UNIT == 1024
+    assert files_per_unit(3 * 64 * 64) == 341
+    assert files_per_unit(3 * 256 * 256) == MIN_FILES_PER_UNIT == 64

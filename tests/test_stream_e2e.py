@@ -107,6 +107,26 @@ def test_stream_epochs_cover_the_training_split(tmp_path, ray_local, world, monk
     assert orders[0] != orders[1], "the second epoch read in the same order as the first"
 
 
+def test_validation_is_read_once_per_run_not_every_epoch(tmp_path, ray_local):
+    """The hash split spreads validation over every row group: it is read when the datasets
+    are made and held, so later passes neither read the files nor see them change."""
+    rng = np.random.default_rng(2)
+    pixels = pa.array(rng.integers(0, 256, (400, 64), np.uint8).tolist(), pa.list_(pa.uint8()))
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"pixels": pixels}), path, row_group_size=50)
+    cfg = load_config(None, [
+        "data.source=parquet", f"data.path={path}", "data.image_column=pixels",
+        "data.pixels_shape=[1,8,8]", "data.channels=1", "data.val_fraction=0.1", *TINY,
+    ])  # fmt: skip
+    datasets = stream_datasets(cfg)
+    path.unlink()
+    for _ in range(2):
+        hashes = [int(h) for b in datasets["val"].iter_batches(batch_size=None) for h in b["hash"]]
+        assert len(hashes) == len(set(hashes)) == data.catalog_for(cfg.data).counts["val"] > 10
+    with pytest.raises(Exception, match="p.parquet"):  # training reads its files every epoch
+        list(datasets["train"].iter_batches(batch_size=None))
+
+
 def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(
