@@ -81,16 +81,17 @@ def stream_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
     ctx = ray.data.DataContext.get_current()
     saved = ctx.raise_original_map_exception, ctx.enable_progress_bars
     # The datasets keep a copy of the context they were made in: our own errors, and no
-    # progress bars in the training log.
+    # progress bars for the epochs in the training log.
     ctx.raise_original_map_exception, ctx.enable_progress_bars = True, False
     try:
+        train = units_dataset(catalog.units["train"], plan, shuffle=True)
         # Validation is read once, here, and kept in Ray's object store (spilled to disk when
-        # it is full): its images are spread over every unit by the hash split, so reading
-        # them every epoch would read the whole set again.
-        return {
-            "train": units_dataset(catalog.units["train"], plan, shuffle=True),
-            "val": units_dataset(catalog.units["val"], plan, shuffle=False).materialize(),
-        }
+        # it is full): the hash split spreads its images over every unit, so reading them
+        # every epoch would read the whole set again. This one read shows its progress (with
+        # bars off, Ray Data logs a warning on the driver).
+        ctx.enable_progress_bars = saved[1]
+        val = units_dataset(catalog.units["val"], plan, shuffle=False).materialize()
+        return {"train": train, "val": val}
     finally:
         ctx.raise_original_map_exception, ctx.enable_progress_bars = saved
 
