@@ -16,13 +16,16 @@ import ray.data
 import torch
 from PIL import Image
 
-from raytrain_vae.ingest import READ_TASK_CPUS
 from raytrain_vae.input_rows import InputPlan, InputUnit, fixed_size_list, read_input_unit
 from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.models import VAE
 from raytrain_vae.objectives import reconstruction_nll
 from raytrain_vae.perf.heap import retain_freed_memory
 from raytrain_vae.runtime import RAY_DATA_ERROR_LOGGERS, ResourceError
+
+# The input's read tasks: a fraction of a CPU, so that they fit beside the model actors,
+# which take what the job leaves (generate.py: at least 0.25 CPU each; 0.75 CPU may be free).
+INPUT_READ_CPUS = 0.25
 
 
 def split_dataset(table: pa.Table, batch_size: int) -> Callable[[], ray.data.Dataset]:
@@ -42,7 +45,7 @@ def input_dataset(units: list[InputUnit], plan: InputPlan) -> Callable[[], ray.d
         fn_kwargs={"plan": plan},
         batch_size=1,
         batch_format="pyarrow",
-        num_cpus=READ_TASK_CPUS,
+        num_cpus=INPUT_READ_CPUS,
     )
 
 

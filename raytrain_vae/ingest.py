@@ -91,6 +91,7 @@ def stream_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
         # bars off, Ray Data logs a warning on the driver).
         ctx.enable_progress_bars = saved[1]
         val = units_dataset(catalog.units["val"], plan, shuffle=False).materialize()
+        val.context.enable_progress_bars = False  # its passes every epoch, like training's
         return {"train": train, "val": val}
     finally:
         ctx.raise_original_map_exception, ctx.enable_progress_bars = saved

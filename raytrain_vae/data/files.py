@@ -119,12 +119,13 @@ def _pixel_images(
     column: pa.ChunkedArray, keep: np.ndarray, unit: Unit, plan: ReadPlan
 ) -> np.ndarray:
     """The kept rows of a pixels column (data.pixels_shape) as uint8 (n, C, H, W) through the
-    spec, converted as one batch: every row of the row group is checked, the kept ones shaped."""
+    spec, converted (and checked) as one batch."""
     shape = tuple(plan.cfg.pixels_shape)
     size = int(np.prod(shape))
     needs = f"data.pixels_shape {list(shape)} needs {size}"
-    rows = pixel_rows(column, size, unit.parquet, plan.cfg.image_column, needs, unit.first_row)
-    images = preprocess(torch.from_numpy(rows[keep].reshape(-1, *shape)), plan.spec)
+    rows = pixel_rows(column.take(keep), size, unit.parquet, plan.cfg.image_column, needs,
+                      numbers=unit.first_row + keep)  # fmt: skip
+    images = preprocess(torch.from_numpy(rows.reshape(-1, *shape)), plan.spec)
     if len(keep):
         _check_shape(images[0], plan, f"{unit.parquet} row {unit.first_row + int(keep[0])}")
     return images.numpy()
