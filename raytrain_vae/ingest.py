@@ -17,6 +17,7 @@ from raytrain_vae.config import Config
 from raytrain_vae.data import catalog_for, image_shape
 from raytrain_vae.data.catalog import Unit
 from raytrain_vae.data.files import ReadPlan, read_unit
+from raytrain_vae.data.source import DataError
 
 # Ray Data tasks that read and decode: one CPU each. With a fraction, Ray ran more task
 # processes than the node has CPUs, killed the idle ones beyond that within a second, and started
@@ -28,12 +29,24 @@ READ_TASK_CPUS = 1.0
 STREAM_SPARE_CPUS = 1.0
 # Blocks each worker fetches ahead in a background thread while it trains on the current one.
 PREFETCH_BLOCKS = 4
+# A bad file met by a training read task travels to the worker as a block of this one column,
+# not as an exception: Ray Data would log the task's traceback in the split coordinator, an
+# actor of its own whose logging we cannot quiet. The worker raises it as our DataError.
+ERROR_COLUMN = "error"
 
 
-def read_unit_rows(batch: dict[str, np.ndarray], plan: ReadPlan) -> dict[str, np.ndarray]:
-    """A Ray Data task: the units in a batch (one, as read) -> their decoded rows (none: {})."""
+def read_unit_rows(
+    batch: dict[str, np.ndarray], plan: ReadPlan, carry_errors: bool = False
+) -> dict[str, np.ndarray]:
+    """A Ray Data task: the units in a batch (one, as read) -> their decoded rows (none: {}).
+    With carry_errors, a DataError comes back as an ERROR_COLUMN block instead of raising."""
     units = [Unit(**_unit_fields(batch, i)) for i in range(len(batch["split"]))]
-    parts = [read_unit(unit, plan) for unit in units]
+    try:
+        parts = [read_unit(unit, plan) for unit in units]
+    except DataError as exc:
+        if not carry_errors:
+            raise
+        return {ERROR_COLUMN: np.array([str(exc)])}
     images = np.concatenate([p.images for p in parts])
     if not len(images):
         # A unit may hold no image of this split. Ray Data cannot type an empty image tensor
@@ -62,13 +75,17 @@ def _unit_fields(batch: dict[str, np.ndarray], i: int) -> dict:
 
 def units_dataset(units: tuple[Unit, ...], plan: ReadPlan, shuffle: bool) -> ray.data.Dataset:
     """One block per unit (some files, or one row group), in a fresh random order on every
-    pass when shuffle, mapped to decoded rows by Ray Data tasks."""
+    pass when shuffle, mapped to decoded rows by Ray Data tasks. The shuffled (training) pass
+    carries a bad file to the worker as an ERROR_COLUMN block; the others raise."""
     items = [dataclasses.asdict(u) | {"split": u.split or ""} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     if shuffle:
         ds = ds.randomize_block_order()
     return ds.map_batches(
-        read_unit_rows, fn_kwargs={"plan": plan}, batch_size=1, num_cpus=READ_TASK_CPUS
+        read_unit_rows,
+        fn_kwargs={"plan": plan, "carry_errors": shuffle},
+        batch_size=1,
+        num_cpus=READ_TASK_CPUS,
     )
 
 
@@ -146,7 +163,7 @@ class ShardStream:
             batch_size=None, batch_format="numpy", prefetch_batches=PREFETCH_BLOCKS
         )
         buffer = self.shuffle_buffer if rng is not None else 0
-        return block_batches(blocks, batch_size, buffer, rng)
+        return block_batches(raise_carried_errors(blocks), batch_size, buffer, rng)
 
     def train_batches(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
         rng = np.random.default_rng([self.seed, epoch, self.rank])
@@ -156,3 +173,13 @@ class ShardStream:
     def val_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         for rows in self.row_batches("val", batch_size, None):
             yield torch.from_numpy(rows["image"]).to(self.device)
+
+
+def raise_carried_errors(
+    blocks: Iterator[dict[str, np.ndarray]],
+) -> Iterator[dict[str, np.ndarray]]:
+    """The blocks, until one carries a read task's error (ERROR_COLUMN): that is raised."""
+    for block in blocks:
+        if ERROR_COLUMN in block:
+            raise DataError(str(block[ERROR_COLUMN][0]))
+        yield block

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,11 @@ RAY_DATA_ERROR_LOGGERS = (
     "ray.data._internal.execution.streaming_executor_state",
     "ray.data.exceptions",
 )
+
+# Ray Train logs the traceback of any exception from the training function, in the worker,
+# through this private module's logger (named after it); for our UserError the driver prints
+# the error's one line instead.
+TRAIN_FN_ERROR_MODULE = "ray.train.v2._internal.util"
 
 # Ray 2.60 warns on every start of an embedded cluster that it turned token authentication on
 # (the README's security notes say it does, and to keep it on), through this private module's
@@ -52,6 +58,20 @@ def init_ray() -> None:
 def skip_auth_on_notice(record: logging.LogRecord) -> bool:
     """A logging filter: False for Ray's notice that it turned token authentication on."""
     return not record.getMessage().startswith(AUTH_ON_NOTICE)
+
+
+def skip_user_error_traceback(record: logging.LogRecord) -> bool:
+    """A logging filter: False while the exception being handled is our UserError (Ray Train
+    logs the training function's traceback inside its except block)."""
+    return not isinstance(sys.exc_info()[1], UserError)
+
+
+def quiet_user_error_tracebacks() -> None:
+    """In a Ray Train worker: no traceback for a UserError, which the driver reports in one
+    line. Other exceptions keep theirs; if Ray renames the module, tracebacks just show."""
+    logger = logging.getLogger(TRAIN_FN_ERROR_MODULE)
+    if skip_user_error_traceback not in logger.filters:
+        logger.addFilter(skip_user_error_traceback)
 
 
 def embedded() -> bool:

@@ -24,7 +24,7 @@ from raytrain_vae.optim import make_optimizer
 from raytrain_vae.perf.heap import retain_freed_memory
 from raytrain_vae.perf.shm_allreduce import shared_memory_all_reduce
 from raytrain_vae.rank_host import RankHost, train_worker_host
-from raytrain_vae.runtime import quiet_train_report_log
+from raytrain_vae.runtime import quiet_train_report_log, quiet_user_error_tracebacks
 from raytrain_vae.tracking import RankTracker
 
 
@@ -36,6 +36,7 @@ def log(line: str) -> None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """One rank of a Ray Train worker group (the TorchTrainer's function)."""
+    quiet_user_error_tracebacks()
     run_rank(loop_config, train_worker_host())
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -186,6 +188,26 @@ class S3Server:
         """Writes the object s3://BUCKET/key."""
         with self.filesystem().open_output_stream(f"{self.bucket}/{key}") as stream:
             stream.write(data)
+
+
+# Lines Ray forwards from its own actors: on a loaded machine Ray Train's placement-group
+# cleaner may print a traceback of its own (a state-API timeout, or "multiple active Ray
+# instances" while a test's shared Ray runs beside a CLI's own) that says nothing of ours.
+RAY_ACTOR_LINE = re.compile(r"^(\x1b\[\d+m)?\((PlacementGroupCleaner|TrainController) pid=")
+
+
+def own_lines(stderr: str) -> str:
+    """stderr without the lines Ray forwards from its own actors."""
+    return "\n".join(line for line in stderr.splitlines() if not RAY_ACTOR_LINE.match(line))
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(name, repo / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@ scripts run in smoke mode and print every figure they print in full mode."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,15 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 quality = load_benchmark("quality")
@@ -151,13 +144,13 @@ def test_train_throughput_smoke_prints_every_figure(tmp_path):
         r"plain PyTorch loop\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
         r"Ray Train, 1 worker\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
         r"Ray Train, 2 workers\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
-        r"Ray 2 workers, Gloo\s+:\s+\d+ img/s\s+\d+\.\d GFLOP/s\s+\d+\.\d% of matmul",
-        # ratios: any size (a loaded machine gives 12.101 as readily as 0.978)
+        # ratios: any size (a loaded machine gives 12.101 as readily as 0.978); the smoke
+        # leaves the Gloo run out and says so
         r"round 1: Ray 1 worker / plain \d+\.\d{3}   Ray 2 workers / 1 worker \d+\.\d{3}"
-        r"   \(Gloo \d+\.\d{3}\)",
+        r"   \(Gloo not run \(--smoke\)\)",
         r"ratio Ray Train 1 worker / plain: \d+\.\d{3}",
         r"ratio Ray Train 2 workers / 1 worker: \d+\.\d{3}",
-        r"ratio Ray Train 2 workers with Gloo / 1 worker: \d+\.\d{3}",
+        r"ratio Ray Train 2 workers with Gloo / 1 worker: not run \(--smoke\)",
     ):
         assert re.search(pattern, out), (pattern, out[-3000:])
 
@@ -170,10 +163,7 @@ INGEST_SUMMARY_FULL = (
     "RGB 64x64 stream/memory",
     "RGB 64x64/32x32 memory img/s",
 )
-INGEST_SUMMARY = (  # the smoke runs the 1-worker pixels-column and 32x32 cases
-    "stream/memory 1 worker",
-    "RGB 32x32 stream/memory",
-)
+INGEST_SUMMARY = ("stream/memory 1 worker",)  # the smoke's one pair (and an RGB stream)
 
 
 def test_ingest_summary_prints_every_ratio_of_a_full_run(capsys):
@@ -215,7 +205,6 @@ def test_ingest_throughput_smoke_prints_every_ratio(tmp_path):
     for label in (
         "FMNIST memory, 1 worker",
         "FMNIST stream, 1 worker",
-        "RGB 32x32 memory, 1 worker",
         "RGB 32x32 stream, 1 worker",
     ):
         assert re.search(rf"\n{re.escape(label)}\s*: +\d+ img/s  \(warm epochs: \d+;", out), (

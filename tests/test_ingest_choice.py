@@ -4,6 +4,8 @@ free for its read tasks, a memory set too big for this machine, and S3 storage f
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -16,7 +18,13 @@ from raytrain_vae import data
 from raytrain_vae import training as train
 from raytrain_vae.config import ConfigError
 from raytrain_vae.data.files import ReadPlan, read_unit
-from raytrain_vae.ingest import STREAM_SPARE_CPUS, read_unit_rows
+from raytrain_vae.data.source import DataError
+from raytrain_vae.ingest import (
+    ERROR_COLUMN,
+    STREAM_SPARE_CPUS,
+    raise_carried_errors,
+    read_unit_rows,
+)
 from raytrain_vae.loop import mirror_half
 
 
@@ -156,3 +164,26 @@ def test_image_folder_units_hold_about_unit_bytes_of_decoded_images():
     assert files_per_unit(28 * 28) == MAX_FILES_PER_UNIT == 1024
     assert files_per_unit(3 * 64 * 64) == 341
     assert files_per_unit(3 * 256 * 256) == MIN_FILES_PER_UNIT == 64
+
+
+def test_a_bad_file_in_a_training_read_reaches_the_worker_as_its_one_line(folder, monkeypatch):
+    # A training read task returns the error as a block (Ray Data would log a raised one's
+    # traceback in its split coordinator); the worker raises it. Validation's read raises.
+    monkeypatch.setattr(data, "_CATALOGS", {})
+    cfg = files_config(folder, "data.binarize=none").data
+    catalog = data.catalog_for(cfg)
+    plan = ReadPlan.of(cfg, catalog)
+    unit = catalog.units["train"][0]
+    broken = Path(unit.files[-1])
+    broken.write_bytes(broken.read_bytes()[:40])
+    fields = {k: np.array([v]) for k, v in dataclasses.asdict(unit).items()}
+    fields["files"] = np.array([list(unit.files)], dtype=object)
+    with pytest.raises(DataError, match=str(broken)):
+        read_unit_rows(fields, plan)
+    carried = read_unit_rows(fields, plan, carry_errors=True)
+    assert list(carried) == [ERROR_COLUMN] and str(broken) in str(carried[ERROR_COLUMN][0])
+    good = {"image": np.zeros((2, 1, 2, 2), np.uint8)}
+    blocks = raise_carried_errors(iter([good, carried, good]))
+    assert next(blocks) is good
+    with pytest.raises(DataError, match=f"^{re.escape(str(broken))}: "):
+        next(blocks)

@@ -16,6 +16,7 @@ from torch import nn
 
 import raytrain_vae.perf.elu as elu
 from raytrain_vae import runtime
+from raytrain_vae.data.source import DataError
 from raytrain_vae.perf import heap, shm_allreduce
 from raytrain_vae.runtime import quiet_train_report_log
 
@@ -290,3 +291,36 @@ def test_ray_data_error_loggers_are_rays_loggers(name):
     # generate quiets these loggers by name; fails loudly when Ray moves or renames them.
     module = importlib.import_module(name)
     assert module.logger is logging.getLogger(name)
+
+
+@pytest.fixture
+def train_fn_error_module():
+    """Ray's private module that logs a training function's traceback; our filter is removed
+    after the test."""
+    module = importlib.import_module(runtime.TRAIN_FN_ERROR_MODULE)  # fails loudly if renamed
+    try:
+        yield module
+    finally:
+        module.logger.removeFilter(runtime.skip_user_error_traceback)
+
+
+def logged_traceback(module, exc: Exception, caplog) -> bool:
+    """Whether Ray Train logs this exception's traceback, raised from a training function."""
+    caplog.clear()
+    try:
+        raise exc
+    except Exception as raised:
+        module.construct_user_exception_with_traceback(raised)
+    return any("Error in training function" in r.getMessage() for r in caplog.records)
+
+
+def test_a_user_error_in_a_training_function_logs_no_traceback(train_fn_error_module, caplog):
+    # Fails loudly when Ray moves the logger or the call that logs the traceback.
+    assert train_fn_error_module.logger is logging.getLogger(runtime.TRAIN_FN_ERROR_MODULE)
+    caplog.set_level(logging.ERROR, logger=runtime.TRAIN_FN_ERROR_MODULE)
+    assert logged_traceback(train_fn_error_module, DataError("x.png: truncated"), caplog)
+    runtime.quiet_user_error_tracebacks()
+    runtime.quiet_user_error_tracebacks()  # once per worker process, however often called
+    assert train_fn_error_module.logger.filters.count(runtime.skip_user_error_traceback) == 1
+    assert not logged_traceback(train_fn_error_module, DataError("x.png: truncated"), caplog)
+    assert logged_traceback(train_fn_error_module, ValueError("a bug of ours"), caplog)

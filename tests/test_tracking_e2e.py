@@ -5,7 +5,6 @@ killed mid-run."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import mlflow
 import pytest
 import torch
 import yaml
-from conftest import mlflow_server
+from conftest import mlflow_server, own_lines
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_cli_train import assert_one_line_error
@@ -43,16 +42,6 @@ def train(tmp_path: Path, name: str, *overrides: str) -> subprocess.CompletedPro
     return subprocess.run(
         cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300
     )
-
-
-# Lines Ray forwards from its own actors: on a loaded machine Ray Train's placement-group
-# cleaner may print a traceback of its own (a state-API timeout) that says nothing of ours.
-RAY_ACTOR_LINE = re.compile(r"^(\x1b\[\d+m)?\((PlacementGroupCleaner|TrainController) pid=")
-
-
-def own_lines(stderr: str) -> str:
-    """stderr without the lines Ray forwards from its own actors."""
-    return "\n".join(line for line in stderr.splitlines() if not RAY_ACTOR_LINE.match(line))
 
 
 def history(tmp_path: Path, name: str) -> list[dict]:
