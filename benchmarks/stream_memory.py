@@ -50,13 +50,18 @@ def write_images(folder: Path, n: int, side: int) -> None:
     pq.write_table(pa.table({"pixels": column}), folder / "part-0.parquet", row_group_size=64)
 
 
-def worker_peak_uss(cmd: list[str], log: Path) -> tuple[int, float]:
-    """(peak unique memory of the run's Ray Train worker, wall seconds) of one training run."""
+def worker_peak_uss(cmd: list[str], log: Path, timeout_s: float = 1800) -> tuple[int, float]:
+    """(peak unique memory of the run's Ray Train worker, wall seconds) of one training run;
+    a run still going after timeout_s is killed and reported as failed."""
     start = time.perf_counter()
     with log.open("w") as out:
         run = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         peak = 0
         while run.poll() is None:
+            if time.perf_counter() - start > timeout_s:
+                run.kill()
+                run.wait()
+                break
             for process in psutil.process_iter(["cmdline"]):
                 try:
                     # This run's embedded Ray is the only one: run nothing else meanwhile.

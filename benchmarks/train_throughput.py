@@ -121,7 +121,27 @@ def report(label: str, warm: list[float], flops: float, peak: float) -> float:
     return rate
 
 
+def print_ratios(one_runs: list, two_runs: list, gloo_runs: list, plain_runs: list) -> None:
+    """Each round's ratios, taken within the round (against the plain runs around it)."""
+    per_round = [
+        (
+            statistics.median(one) / statistics.median(before + after),
+            statistics.median(two) / statistics.median(one),
+            statistics.median(two_gloo) / statistics.median(one) if two_gloo else math.nan,
+        )
+        for one, two, two_gloo, before, after in zip(
+            one_runs, two_runs, gloo_runs, plain_runs[:-1], plain_runs[1:], strict=True
+        )
+    ]
+    for i, (r1, r2, r3) in enumerate(per_round, 1):
+        print(
+            f"round {i}: Ray 1 worker / plain {r1:.3f}   Ray 2 workers / 1 worker {r2:.3f}"
+            f"   (Gloo {ratio_text(r3)})"
+        )
+
+
 def ratio_text(ratio: float) -> str:
+    """A ratio, or why there is none (a path the smoke leaves out)."""
     return "not run (--smoke)" if math.isnan(ratio) else f"{ratio:.3f}"
 
 
@@ -193,21 +213,7 @@ def main() -> None:
         if not args.smoke
         else math.nan
     )
-    per_round = [
-        (
-            statistics.median(one) / statistics.median(before + after),
-            statistics.median(two) / statistics.median(one),
-            statistics.median(two_gloo) / statistics.median(one) if two_gloo else math.nan,
-        )
-        for one, two, two_gloo, before, after in zip(
-            one_runs, two_runs, gloo_runs, plain_runs[:-1], plain_runs[1:], strict=True
-        )
-    ]
-    for i, (r1, r2, r3) in enumerate(per_round, 1):
-        print(
-            f"round {i}: Ray 1 worker / plain {r1:.3f}   Ray 2 workers / 1 worker {r2:.3f}"
-            f"   (Gloo {ratio_text(r3)})"
-        )
+    print_ratios(one_runs, two_runs, gloo_runs, plain_runs)
     print(f"ratio Ray Train 1 worker / plain: {one_rate / plain_rate:.3f}")
     print(f"ratio Ray Train 2 workers / 1 worker: {two_rate / one_rate:.3f}")
     print(f"ratio Ray Train 2 workers with Gloo / 1 worker: {ratio_text(gloo_rate / one_rate)}")

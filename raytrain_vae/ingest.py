@@ -13,7 +13,7 @@ import torch
 from ray.train import DataConfig
 
 from raytrain_vae.block_shuffle import block_batches
-from raytrain_vae.config import Config
+from raytrain_vae.config import Config, UserError
 from raytrain_vae.data import catalog_for, image_shape
 from raytrain_vae.data.catalog import Unit
 from raytrain_vae.data.files import ReadPlan, read_unit
@@ -31,22 +31,25 @@ STREAM_SPARE_CPUS = 1.0
 PREFETCH_BLOCKS = 4
 # A bad file met by a training read task travels to the worker as a block of this one column,
 # not as an exception: Ray Data would log the task's traceback in the split coordinator, an
-# actor of its own whose logging we cannot quiet. The worker raises it as our DataError.
+# actor of its own whose logging we cannot quiet. The worker raises it as our DataError. The
+# block holds one row per worker: Ray Train's equal split drops up to (workers - 1) rows at the
+# end of an epoch, so one always reaches a rank.
 ERROR_COLUMN = "error"
 
 
 def read_unit_rows(
-    batch: dict[str, np.ndarray], plan: ReadPlan, carry_errors: bool = False
+    batch: dict[str, np.ndarray], plan: ReadPlan, error_rows: int = 0
 ) -> dict[str, np.ndarray]:
     """A Ray Data task: the units in a batch (one, as read) -> their decoded rows (none: {}).
-    With carry_errors, a DataError comes back as an ERROR_COLUMN block instead of raising."""
+    With error_rows > 0, a bad or unreadable file (our UserError) comes back as a block of
+    that many ERROR_COLUMN rows instead of raising."""
     units = [Unit(**_unit_fields(batch, i)) for i in range(len(batch["split"]))]
     try:
         parts = [read_unit(unit, plan) for unit in units]
-    except DataError as exc:
-        if not carry_errors:
+    except UserError as exc:
+        if not error_rows:
             raise
-        return {ERROR_COLUMN: np.array([str(exc)])}
+        return {ERROR_COLUMN: np.full(error_rows, str(exc))}
     images = np.concatenate([p.images for p in parts])
     if not len(images):
         # A unit may hold no image of this split. Ray Data cannot type an empty image tensor
@@ -73,17 +76,19 @@ def _unit_fields(batch: dict[str, np.ndarray], i: int) -> dict:
     return fields
 
 
-def units_dataset(units: tuple[Unit, ...], plan: ReadPlan, shuffle: bool) -> ray.data.Dataset:
+def units_dataset(
+    units: tuple[Unit, ...], plan: ReadPlan, shuffle: bool, error_rows: int = 0
+) -> ray.data.Dataset:
     """One block per unit (some files, or one row group), in a fresh random order on every
-    pass when shuffle, mapped to decoded rows by Ray Data tasks. The shuffled (training) pass
-    carries a bad file to the worker as an ERROR_COLUMN block; the others raise."""
+    pass when shuffle, mapped to decoded rows by Ray Data tasks. With error_rows, a bad file
+    reaches the consumer as an ERROR_COLUMN block (read_unit_rows); without, the read raises."""
     items = [dataclasses.asdict(u) | {"split": u.split or ""} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     if shuffle:
         ds = ds.randomize_block_order()
     return ds.map_batches(
         read_unit_rows,
-        fn_kwargs={"plan": plan, "carry_errors": shuffle},
+        fn_kwargs={"plan": plan, "error_rows": error_rows},
         batch_size=1,
         num_cpus=READ_TASK_CPUS,
     )
@@ -101,7 +106,9 @@ def stream_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
     # progress bars for the epochs in the training log.
     ctx.raise_original_map_exception, ctx.enable_progress_bars = True, False
     try:
-        train = units_dataset(catalog.units["train"], plan, shuffle=True)
+        train = units_dataset(
+            catalog.units["train"], plan, shuffle=True, error_rows=cfg.scaling.num_workers
+        )
         # Validation is read once, here, and kept in Ray's object store (spilled to disk when
         # it is full): the hash split spreads its images over every unit, so reading them
         # every epoch would read the whole set again. This one read shows its progress (with

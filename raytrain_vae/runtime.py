@@ -1,7 +1,8 @@
 """Ray start-up, path preflight, and whether the cluster can hold a request (refuse or wait).
 
 The private Ray names this package relies on are all here, each with a fallback and a test
-(tests/test_runtime.py) that fails loudly when a Ray upgrade removes it."""
+(tests/test_runtime.py, tests/test_perf_fallbacks.py) that fails loudly when a Ray upgrade
+removes it."""
 
 from __future__ import annotations
 
@@ -60,18 +61,34 @@ def skip_auth_on_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(AUTH_ON_NOTICE)
 
 
-def skip_user_error_traceback(record: logging.LogRecord) -> bool:
-    """A logging filter: False while the exception being handled is our UserError (Ray Train
-    logs the training function's traceback inside its except block)."""
-    return not isinstance(sys.exc_info()[1], UserError)
+class UserErrorTraceback(logging.Filter):
+    """Ray Train's log of a training function's traceback, while the exception being handled
+    is our UserError (Ray logs it inside its except block): dropped, since the driver prints
+    the error's one line; or, when Ray Train will restart the workers (run.max_failures),
+    cut to one line, so that each attempt still says why it failed."""
+
+    retried = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = sys.exc_info()[1]
+        if not isinstance(error, UserError):
+            return True
+        if not self.retried:
+            return False
+        record.msg, record.args, record.exc_info = f"Error in training function: {error}", (), None
+        return True
 
 
-def quiet_user_error_tracebacks() -> None:
-    """In a Ray Train worker: no traceback for a UserError, which the driver reports in one
-    line. Other exceptions keep theirs; if Ray renames the module, tracebacks just show."""
+USER_ERROR_TRACEBACK = UserErrorTraceback()
+
+
+def quiet_user_error_tracebacks(retried: bool) -> None:
+    """In a Ray Train worker: a UserError's traceback is left out (see UserErrorTraceback).
+    Other exceptions keep theirs; if Ray renames the module, tracebacks just show."""
+    USER_ERROR_TRACEBACK.retried = retried
     logger = logging.getLogger(TRAIN_FN_ERROR_MODULE)
-    if skip_user_error_traceback not in logger.filters:
-        logger.addFilter(skip_user_error_traceback)
+    if USER_ERROR_TRACEBACK not in logger.filters:
+        logger.addFilter(USER_ERROR_TRACEBACK)
 
 
 def embedded() -> bool:

@@ -36,7 +36,6 @@ def log(line: str) -> None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """One rank of a Ray Train worker group (the TorchTrainer's function)."""
-    quiet_user_error_tracebacks()
     run_rank(loop_config, train_worker_host())
 
 
@@ -44,6 +43,7 @@ def run_rank(loop_config: dict, host: RankHost) -> None:
     """One rank: load data, build model, resume if a checkpoint exists, train, report.
     loop_config: the config, the stream's facts when streamed, and a label for the log lines."""
     cfg = validate_config(loop_config["config"], "train loop config")
+    quiet_user_error_tracebacks(retried=cfg.run.max_failures != 0)
     quiet_train_report_log(cfg.run.log_level)
     if host.device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))

@@ -167,7 +167,7 @@ INGEST_SUMMARY = ("stream/memory 1 worker",)  # the smoke's one pair (and an RGB
 
 
 def test_ingest_summary_prints_every_ratio_of_a_full_run(capsys):
-    """The full run's summary (the smoke skips the 2-worker and 64x64 cases): every pair, its
+    """The full run's summary (the smoke has one pair: FMNIST memory and stream): every pair, its
     ratio of steady-state rates, and whether a stream pair meets the target."""
     bench = load_benchmark("ingest_throughput")
     rates = [

@@ -301,26 +301,34 @@ def train_fn_error_module():
     try:
         yield module
     finally:
-        module.logger.removeFilter(runtime.skip_user_error_traceback)
+        module.logger.removeFilter(runtime.USER_ERROR_TRACEBACK)
 
 
-def logged_traceback(module, exc: Exception, caplog) -> bool:
-    """Whether Ray Train logs this exception's traceback, raised from a training function."""
+def logged(module, exc: Exception, caplog) -> list[str]:
+    """What Ray Train logs of this exception, raised from a training function."""
     caplog.clear()
     try:
         raise exc
     except Exception as raised:
         module.construct_user_exception_with_traceback(raised)
-    return any("Error in training function" in r.getMessage() for r in caplog.records)
+    return [
+        r.getMessage() for r in caplog.records if "Error in training function" in r.getMessage()
+    ]
 
 
 def test_a_user_error_in_a_training_function_logs_no_traceback(train_fn_error_module, caplog):
     # Fails loudly when Ray moves the logger or the call that logs the traceback.
     assert train_fn_error_module.logger is logging.getLogger(runtime.TRAIN_FN_ERROR_MODULE)
     caplog.set_level(logging.ERROR, logger=runtime.TRAIN_FN_ERROR_MODULE)
-    assert logged_traceback(train_fn_error_module, DataError("x.png: truncated"), caplog)
-    runtime.quiet_user_error_tracebacks()
-    runtime.quiet_user_error_tracebacks()  # once per worker process, however often called
-    assert train_fn_error_module.logger.filters.count(runtime.skip_user_error_traceback) == 1
-    assert not logged_traceback(train_fn_error_module, DataError("x.png: truncated"), caplog)
-    assert logged_traceback(train_fn_error_module, ValueError("a bug of ours"), caplog)
+    bad_file = DataError("x.png: truncated")
+    assert "Traceback" in logged(train_fn_error_module, bad_file, caplog)[0]
+    runtime.quiet_user_error_tracebacks(retried=False)
+    runtime.quiet_user_error_tracebacks(retried=False)  # once per process, however often called
+    assert train_fn_error_module.logger.filters.count(runtime.USER_ERROR_TRACEBACK) == 1
+    assert logged(train_fn_error_module, bad_file, caplog) == []
+    assert "Traceback" in logged(train_fn_error_module, ValueError("a bug of ours"), caplog)[0]
+    # Workers that Ray Train restarts say why each attempt failed, in one line.
+    runtime.quiet_user_error_tracebacks(retried=True)
+    one_line = ["Error in training function: x.png: truncated"]
+    assert logged(train_fn_error_module, bad_file, caplog) == one_line
+    assert "Traceback" in logged(train_fn_error_module, ValueError("a bug of ours"), caplog)[0]

@@ -1,6 +1,6 @@
 """data.ingest: stream end to end: every epoch covers the training images once across workers,
-validation is scored whole, a bad file met mid-epoch is one line, and S3 carries the data, the
-checkpoints, a search's trials and a sampling job."""
+validation is scored whole, a bad file met mid-epoch is one line, a set larger than its worker
+trains, and S3 carries the data, the checkpoints, a search's trials and a reconstruction job."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_a_set_larger_than_its_worker_trains_streamed(tmp_path):
         f"data.path={tmp_path / 'set'}", f"data.pixels_shape=[3,{side},{side}]",
         "data.ingest=stream", f"run.storage_path={tmp_path / 'runs'}", "run.name=big",
     ]  # fmt: skip
-    peak, _ = bench.worker_peak_uss(cmd, tmp_path / "train.log")
+    peak, _ = bench.worker_peak_uss(cmd, tmp_path / "train.log", timeout_s=600)
     decoded = n * 3 * side * side
     assert peak < decoded, f"worker peak {peak / 2**20:.0f} MiB >= set {decoded / 2**20:.0f} MiB"
     assert "epoch 1/1" in (tmp_path / "train.log").read_text()
@@ -198,9 +198,8 @@ def write_parquet_dataset(fs, root: str, n: int) -> None:
 
 def test_train_search_export_and_sample_against_s3(s3_server, tmp_path):
     """Data read from s3:// as a stream, checkpoints and a search's trials written to s3://,
-    the export samples at the trained size, and a reconstruction job reads s3://: the endpoint
-    comes from
-    AWS_ENDPOINT_URL alone, as with MinIO or Ceph."""
+    the export samples at the trained size, and a reconstruction job reads s3://: the
+    endpoint comes from AWS_ENDPOINT_URL alone, as with MinIO or Ceph."""
     fs = s3_server.filesystem()
     write_parquet_dataset(fs, f"{s3_server.bucket}/faces", 240)
     common = [
@@ -222,7 +221,7 @@ def test_train_search_export_and_sample_against_s3(s3_server, tmp_path):
     assert (export / "model.safetensors").is_file()
     assert list_files(s3_server.url("runs/s3search"), (".csv",))
     # The export is local: the sampling job on it is the same as on any export
-    # (tests/test_rgb_jobs.py); here, that it samples at the trained size.
+    # (tests/test_generate.py); here, that it samples at the trained size.
     assert sample_images(load_model(export), 2, seed=0).shape == (2, 1, 16, 16)
     rebuilt = run_cli(
         "generate", "reconstruct", "--model", str(export), "--input", s3_server.url("faces"),

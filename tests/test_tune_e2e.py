@@ -138,7 +138,10 @@ def test_a_healthy_search_prints_no_error_or_warning_line_and_ends_with_its_summ
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     alarms = [line for line in (proc.stdout + proc.stderr).splitlines() if ALARM_LINE.search(line)]
-    assert not alarms, "\n".join(alarms[:20])
+    # The whole output too: an alarm line alone (a bare "Traceback") does not say what failed.
+    assert not alarms, (
+        "\n".join(alarms[:20]) + "\n--- output:\n" + (proc.stdout + proc.stderr)[-6000:]
+    )
     epoch_lines = [line for line in proc.stdout.splitlines() if "epoch 1/2" in line]
     assert len(epoch_lines) == trials, proc.stdout[-3000:]
     assert all(re.search(r"trial \w{8}: epoch", x) for x in epoch_lines)
