@@ -20,7 +20,7 @@ from raytrain_vae.evaluation import evaluate
 from raytrain_vae.input_rows import fixed_size_list
 from raytrain_vae.model_io import load_model_dir, save_model_dir
 from raytrain_vae.models import ConvVAE, HierarchicalVAE, build_model
-from raytrain_vae.models.hierarchical import level_terms
+from raytrain_vae.models.hierarchical import level_terms, standard_normal_like
 from raytrain_vae.objectives import elbo_terms, iwae_nll, reconstruction_nll
 
 SHAPE = (1, 16, 16)
@@ -128,6 +128,35 @@ def test_the_iwae_bound_with_k1_is_the_elbo_and_k8_is_tighter():
     torch.testing.assert_close(k1, neg_elbo, rtol=0.01, atol=0.5)  # both estimate -ELBO
     k8 = iwae_nll(model, x, 8).view(500, 4).mean(dim=0)
     assert (k8 < k1 - 0.1).all(), (k8, k1)
+
+
+def test_a_levels_posterior_is_the_correction_of_the_concatenated_features_for_every_draw():
+    # prior_and_posterior splits the correction's first conv and broadcasts the bottom-up share
+    # over the draws: the same maps as the nets applied as written, draw by draw.
+    model = make_model()
+    shake(model, scale=0.3)
+    level, width = model.levels[1], model.levels[1].merge.out_channels
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(5 * 3, width, 8, 8, generator=g).to(memory_format=torch.channels_last)
+    up = torch.randn(3, width, 8, 8, generator=g).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = level.prior_and_posterior(h, level.bottom_up_term(up))
+        mu_p, logvar_p = level.prior(h).chunk(2, dim=1)
+        d_mu, d_logvar = level.correction(torch.cat([h, up.repeat(5, 1, 1, 1)], dim=1)).chunk(2, 1)
+    for a, b in zip(got, (mu_p, logvar_p, mu_p + d_mu, logvar_p + d_logvar), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (d_mu.abs() > 0.01).any()  # the correction is not trivially zero
+
+
+def test_standard_normal_noise_keeps_the_layout_and_the_moments():
+    for t in (torch.zeros(64, 8, 14, 14).to(memory_format=torch.channels_last),
+              torch.zeros(64, 8, 14, 14), torch.zeros(20000, 4)):  # fmt: skip
+        torch.manual_seed(0)
+        e = standard_normal_like(t)
+        assert e.shape == t.shape and e.stride() == t.stride()
+        assert abs(float(e.mean())) < 0.01 and abs(float(e.std()) - 1) < 0.01
+        torch.manual_seed(0)
+        assert torch.equal(standard_normal_like(t), e)  # seeded
 
 
 def switch_off_levels(model: HierarchicalVAE) -> None:

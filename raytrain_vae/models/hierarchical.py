@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from raytrain_vae.config import ConfigError, ModelSection
@@ -37,14 +38,28 @@ class Level(nn.Module):
             self.merge.weight.mul_(0.1)
 
     def prior_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.prior(h).chunk(2, dim=1)
+        """p(z | h): mean and log-variance maps."""
+        mu, logvar = self.prior[1:](self.prior[0](h)).chunk(2, dim=1)
         return mu, logvar
 
-    def posterior_params(
-        self, h: torch.Tensor, up: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        d_mu, d_logvar = self.correction(torch.cat([h, up], dim=1)).chunk(2, dim=1)
-        return mu_p + d_mu, logvar_p + d_logvar
+    def bottom_up_term(self, up: torch.Tensor) -> torch.Tensor:
+        """The bottom-up features' share of the correction's first conv. It depends on x alone,
+        so it is computed once per image however many z are drawn (the IWAE bound's cost)."""
+        conv, width = self.correction[1], self.correction[1].in_channels // 2
+        return F.conv2d(self.correction[0](up), conv.weight[:, width:], None, padding=1)
+
+    def prior_and_posterior(self, h: torch.Tensor, up_term: torch.Tensor) -> tuple:
+        """(mu_p, logvar_p, mu_q, logvar_q) from the top-down features h of `samples` draws,
+        stacked (samples * B, ...), and the images' bottom_up_term (B, ...). The same maps as
+        the correction's conv of the concatenated features, with h's activation shared by both
+        nets and the bottom-up share broadcast over the draws."""
+        a = self.prior[0](h)
+        mu_p, logvar_p = self.prior[1:](a).chunk(2, dim=1)
+        conv, width = self.correction[1], self.correction[1].in_channels // 2
+        hidden = F.conv2d(a, conv.weight[:, :width], conv.bias, padding=1)
+        hidden = (hidden.unflatten(0, (-1, len(up_term))) + up_term).flatten(0, 1)
+        d_mu, d_logvar = self.correction[2:](hidden).chunk(2, dim=1)
+        return mu_p, logvar_p, mu_p + d_mu, logvar_p + d_logvar
 
     def mix(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.block(h + self.merge(z))
@@ -152,12 +167,11 @@ class HierarchicalVAE(ConvVAE):
         kl_parts, log_p, log_q = [top_kl], [top_log_p], [top_log_q]
 
         def draw(i: int, level: Level, h: torch.Tensor) -> torch.Tensor:
-            mu_p, logvar_p = level.prior_params(h)
-            up_i = self.features_at(features, self.level_stages[i]).repeat(samples, 1, 1, 1)
-            mu_q, logvar_q = level.posterior_params(h, up_i, mu_p, logvar_p)
+            up_term = level.bottom_up_term(self.features_at(features, self.level_stages[i]))
+            mu_p, logvar_p, mu_q, logvar_q = level.prior_and_posterior(h, up_term)
             # In float32 whatever the autocast: log q - log p sums thousands of dimensions.
             mu_q, logvar_q = mu_q.float(), logvar_q.float()
-            eps = torch.randn_like(mu_q) if parts is None else parts[i + 1].to(mu_q)
+            eps = standard_normal_like(mu_q) if parts is None else parts[i + 1].to(mu_q)
             z = mu_q + eps * torch.exp(0.5 * logvar_q)
             kl, lp, lq = level_terms(z, mu_q, logvar_q, mu_p, logvar_p)
             kl_parts.append(kl.view(samples, b, -1))
@@ -176,9 +190,8 @@ class HierarchicalVAE(ConvVAE):
         means, shifts = [mu], [mu]
 
         def draw(i: int, level: Level, h: torch.Tensor) -> torch.Tensor:
-            mu_p, logvar_p = level.prior_params(h)
-            up_i = self.features_at(features, self.level_stages[i])
-            mu_q, _ = level.posterior_params(h, up_i, mu_p, logvar_p)
+            up_term = level.bottom_up_term(self.features_at(features, self.level_stages[i]))
+            mu_p, _, mu_q, _ = level.prior_and_posterior(h, up_term)
             means.append(mu_q.flatten(1))
             shifts.append((mu_q - mu_p).flatten(1))
             return mu_q
@@ -200,6 +213,16 @@ class HierarchicalVAE(ConvVAE):
             return mu_p + temps[i + 1] * parts[i + 1].to(mu_p) * torch.exp(0.5 * logvar_p)
 
         return self.walk_levels(parts[0] * temps[0], draw)
+
+
+def standard_normal_like(t: torch.Tensor) -> torch.Tensor:
+    """torch.randn_like(t), in t's memory layout. For a channels-last t, drawn as (N, H, W, C)
+    and viewed as (N, C, H, W): randn_like fills a channels-last tensor element by element,
+    about 10x slower than a contiguous draw on CPU."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = t.shape
+        return torch.randn(n, h, w, c, dtype=t.dtype, device=t.device).permute(0, 3, 1, 2)
+    return torch.randn_like(t)
 
 
 def level_terms(
