@@ -39,14 +39,19 @@ class Level(nn.Module):
 
     def prior_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """p(z | h): mean and log-variance maps."""
-        mu, logvar = self.prior[1:](self.prior[0](h)).chunk(2, dim=1)
+        mu, logvar = self.prior(h).chunk(2, dim=1)
         return mu, logvar
+
+    def correction_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The correction's first conv weight, split into its top-down and bottom-up shares
+        (the order in which the two are concatenated)."""
+        weight = self.correction[1].weight
+        return weight.chunk(2, dim=1)
 
     def bottom_up_term(self, up: torch.Tensor) -> torch.Tensor:
         """The bottom-up features' share of the correction's first conv. It depends on x alone,
         so it is computed once per image however many z are drawn (the IWAE bound's cost)."""
-        conv, width = self.correction[1], self.correction[1].in_channels // 2
-        return F.conv2d(self.correction[0](up), conv.weight[:, width:], None, padding=1)
+        return F.conv2d(self.correction[0](up), self.correction_weights()[1], None, padding=1)
 
     def prior_and_posterior(self, h: torch.Tensor, up_term: torch.Tensor) -> tuple:
         """(mu_p, logvar_p, mu_q, logvar_q) from the top-down features h of `samples` draws,
@@ -55,8 +60,8 @@ class Level(nn.Module):
         nets and the bottom-up share broadcast over the draws."""
         a = self.prior[0](h)
         mu_p, logvar_p = self.prior[1:](a).chunk(2, dim=1)
-        conv, width = self.correction[1], self.correction[1].in_channels // 2
-        hidden = F.conv2d(a, conv.weight[:, :width], conv.bias, padding=1)
+        top_down_share = self.correction_weights()[0]
+        hidden = F.conv2d(a, top_down_share, self.correction[1].bias, padding=1)
         hidden = (hidden.unflatten(0, (-1, len(up_term))) + up_term).flatten(0, 1)
         d_mu, d_logvar = self.correction[2:](hidden).chunk(2, dim=1)
         return mu_p, logvar_p, mu_p + d_mu, logvar_p + d_logvar
