@@ -14,7 +14,9 @@ IWAE bound with k importance samples is computed on the first --iwae-images test
 With --hierarchical CONFIG, a second project model (model.type: hierarchical) is trained in the
 same run on the same data, epochs and batch size, and scored the same way; its row adds the
 mean epoch time against the default's (the slowest rank's training and validation seconds,
-Ray's start-up excluded), and the KL of each of its levels on the test split.
+Ray's start-up excluded), the same two models' training steps timed in turn in one process
+(benchmarks/step_time.py: a check of that ratio that a drifting machine cannot swing), and the
+KL of each of its levels on the test split.
 
 With --parquet-stream, the project's model is trained a second time from the same training-split
 images written as Parquet and streamed by Ray Data (data.ingest: stream; validation held out by
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from step_time import compare_step_times
 from torch import nn
 
 from raytrain_vae.checkpoint import read_state
@@ -173,6 +176,8 @@ def hierarchical_row(cfg, args, splits, iwae_images, conv_epoch_s: float) -> dic
     scored = evaluate(model, splits.test, k=0, batch_size=1000)
     iwae = evaluate(model, iwae_images, k=args.iwae_k, batch_size=10)["iwae_nll"]
     epoch_s = mean_epoch_seconds(checkpoints[-1])
+    print("timing both models' training steps, interleaved in one process ...", flush=True)
+    step_ms = compare_step_times({"default": cfg, "hierarchical": deep}, rounds=5, per_round=10)
     return {
         "config": deep.model_dump(mode="json"),
         "curve": curve,
@@ -180,6 +185,8 @@ def hierarchical_row(cfg, args, splits, iwae_images, conv_epoch_s: float) -> dic
         "seconds": wall,
         "epoch_s": epoch_s,
         "epoch_time_ratio": epoch_s / conv_epoch_s,
+        "step_ms": step_ms,
+        "step_time_ratio": step_ms["hierarchical"] / step_ms["default"],
         "kl_per_level": scored["kl_per_level"],
         "active_units": scored["active_units"],
         "conditional_active_units": scored["conditional_active_units"],
@@ -231,7 +238,8 @@ def train_from_parquet_stream(cfg, test: torch.Tensor, folder: Path) -> tuple[li
 def machine() -> str:
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{torch.backends.cpu.get_cpu_capability()} kernels"
     )
 
 
@@ -308,6 +316,11 @@ def report_hierarchical(
         f"hierarchical epoch time {deep['epoch_s']:.1f} s = {deep['epoch_time_ratio']:.2f}x "
         f"the default's {conv_epoch_s:.1f} s (limit 3x); test neg ELBO "
         f"{deep['curve'][-1] - conv_elbo:+.2f} nats against the default (line: 230)"
+    )
+    print(
+        f"hierarchical training step {deep['step_ms']['hierarchical']:.1f} ms = "
+        f"{deep['step_time_ratio']:.2f}x the default's {deep['step_ms']['default']:.1f} ms "
+        "(one worker's step, the two interleaved in one process: the machine's drift cancels)"
     )
     kl = ", ".join(
         f"{name} {value:.2f} ({deep['active_units'][name]}/{deep['units'][name]} active, "

@@ -202,8 +202,11 @@ def own_lines(stderr: str) -> str:
 
 
 def load_benchmark(name: str):
-    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+    """A script of benchmarks/ as a module (they are scripts, not a package), importing its
+    neighbours as it does when run (its folder on sys.path)."""
     repo = Path(__file__).resolve().parents[1]
+    if str(repo / "benchmarks") not in sys.path:
+        sys.path.append(str(repo / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, repo / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -9,16 +9,20 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_benchmark
 
+from raytrain_vae.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 quality = load_benchmark("quality")
+step_time = load_benchmark("step_time")
 
 
 def test_reference_mlp_loss_is_bce_summed_plus_closed_form_kl():
@@ -89,6 +93,39 @@ def test_binarization_entropy_closed_form():
     assert quality.binarization_entropy(images) == pytest.approx(h)
 
 
+def test_interleaved_step_times_take_turns_and_keep_each_fastest_round():
+    calls, clock = [], iter([0.04, 0.01, 0.02, 0.03, 0.015, 0.06])
+
+    def step(name):
+        def run():
+            calls.append((name, torch.get_num_threads()))
+            time.sleep(next(clock) if len(calls) > 4 else 0)  # 2 warm-up calls each, untimed
+
+        return run
+
+    steps = {"a": step("a"), "b": step("b")}
+    best = step_time.interleaved_step_ms(steps, {"a": 1, "b": 2}, rounds=3, per_round=1)
+    assert [name for name, _ in calls] == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
+    assert all(threads == {"a": 1, "b": 2}[name] for name, threads in calls)
+    # Each keeps its fastest round, whichever round that was (a: the 3rd, b: the 1st).
+    assert 15 <= best["a"] < 20 and 10 <= best["b"] < 15
+
+
+def test_a_timed_step_is_the_workers_training_step():
+    cfg = load_config("vae", ["model.channels=[4]", "model.hidden_dim=8", "train.batch_size=16"])
+    step = step_time.step_function(cfg, (1, 8, 8))
+    losses = [step()[0].item() for _ in range(30)]
+    assert sum(losses[-5:]) < sum(losses[:5])  # the optimizer steps: the loss falls
+    assert (
+        step_time.worker_threads(
+            cfg.model_copy(
+                update={"scaling": cfg.scaling.model_copy(update={"cpus_per_worker": 3.0})}
+            )
+        )
+        == 3
+    )
+
+
 def run_smoke(script: str, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
@@ -111,6 +148,7 @@ def test_quality_smoke_prints_every_figure(tmp_path):
         r"gap after 2 epochs \(raytrain_vae - reference\): [+-]\d+\.\d+ nats",
         r"raytrain_vae hierarchical \(Ray Train\) \| 2 \| \d+\.\d+ \| \d+\.\d+ \| 0\.\d+ \| \d+ s",
         r"hierarchical epoch time \d+\.\d s = \d+\.\d\dx the default's \d+\.\d s \(limit 3x\)",
+        r"hierarchical training step \d+\.\d ms = \d+\.\d\dx the default.s \d+\.\d ms ",
         r"hierarchical KL per level \(nats, test split\): top \d+\.\d\d \(\d+/\d+ active, "
         r"\d+ conditionally\), ",
     ):
