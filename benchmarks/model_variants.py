@@ -55,16 +55,19 @@ VARIANTS = {
 
 @torch.no_grad()
 def score_on_test(model, test: torch.Tensor) -> tuple[float, list[float]]:
-    """(negative ELBO, KL per level) per test image, one seeded sample of x and of z each."""
+    """(negative ELBO, KL per level) per test image, one seeded sample of x and of z each.
+    The training's random stream is left as it was: reseeding it here would give every later
+    epoch the same shuffle, binarization and latent noise."""
     model.eval()
     g = torch.Generator().manual_seed(1)
-    torch.manual_seed(123)
     total, groups = 0.0, 0.0
-    for i in range(0, len(test), 500):
-        x = torch.bernoulli(test[i : i + 500].float() / 255, generator=g)
-        p = model(x)
-        total += float((reconstruction_nll(model, p.out, x) + p.kl[0]).sum())
-        groups = groups + p.kl_groups[0].sum(dim=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        for i in range(0, len(test), 500):
+            x = torch.bernoulli(test[i : i + 500].float() / 255, generator=g)
+            p = model(x)
+            total += float((reconstruction_nll(model, p.out, x) + p.kl[0]).sum())
+            groups = groups + p.kl_groups[0].sum(dim=0)
     model.train()
     per_level = (groups / len(test)).split(group_sizes(model))
     return total / len(test), [float(k.sum()) for k in per_level]

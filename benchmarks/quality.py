@@ -177,7 +177,8 @@ def hierarchical_row(cfg, args, splits, iwae_images, conv_epoch_s: float) -> dic
     iwae = evaluate(model, iwae_images, k=args.iwae_k, batch_size=10)["iwae_nll"]
     epoch_s = mean_epoch_seconds(checkpoints[-1])
     print("timing both models' training steps, interleaved in one process ...", flush=True)
-    step_ms = compare_step_times({"default": cfg, "hierarchical": deep}, rounds=5, per_round=10)
+    rounds, per_round = (1, 2) if args.smoke else (5, 10)
+    step_ms = compare_step_times({"default": cfg, "hierarchical": deep}, rounds, per_round)
     return {
         "config": deep.model_dump(mode="json"),
         "curve": curve,

@@ -17,6 +17,7 @@ import torch
 from conftest import load_benchmark
 
 from raytrain_vae.config import load_config
+from raytrain_vae.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,6 @@ def test_reference_mlp_loss_is_bce_summed_plus_closed_form_kl():
 def test_throughput_reference_is_the_same_model_with_stock_elu():
     from torch import nn
 
-    from raytrain_vae.config import load_config
     from raytrain_vae.models.conv import ConvVAE
     from raytrain_vae.perf.elu import ELU
 
@@ -124,6 +124,21 @@ def test_a_timed_step_is_the_workers_training_step():
         )
         == 3
     )
+
+
+def test_scoring_a_variant_leaves_the_training_random_stream_alone():
+    """The screen scores after every epoch; if scoring reseeded torch's stream, every later
+    epoch would see the same shuffle, binarization and latent noise (it once did)."""
+    variants = load_benchmark("model_variants")
+    cfg = load_config("vae", ["model.channels=[4]", "model.hidden_dim=8"])
+    model = build_model(cfg.model, (1, 8, 8))
+    test = (torch.rand(20, 1, 8, 8) > 0.5).to(torch.uint8) * 255
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first = variants.score_on_test(model, test)
+    assert torch.equal(torch.rand(3), expected)
+    assert variants.score_on_test(model, test) == first  # still one seeded sample
 
 
 def run_smoke(script: str, *args: str) -> str:
