@@ -1,5 +1,6 @@
-"""Model variants side by side in a plain loop (no Ray): test negative ELBO, KL per level and
-epoch time after a few short epochs. Used to choose the hierarchical model's defaults.
+"""Model variants side by side in one process (no Ray), each trained by the workers' own epoch
+loop: test negative ELBO, KL per level and epoch time after a few short epochs. Used to choose
+the hierarchical model's defaults.
 
     python benchmarks/model_variants.py                  # the variants below, 3 epochs, 20k images
     python benchmarks/model_variants.py --smoke          # 300 images, 1 epoch
@@ -14,17 +15,18 @@ torch's default threads; compare the ratios within one run.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
 
+from raytrain_vae.checkpoint import TrainState
 from raytrain_vae.config import load_config
 from raytrain_vae.data import load_splits
 from raytrain_vae.diagnostics import group_sizes
+from raytrain_vae.loop import RankRun, memory_format_for, train_epoch
 from raytrain_vae.models import build_model
-from raytrain_vae.objectives import kl_weight, reconstruction_nll, training_loss
-from raytrain_vae.optim import make_optimizer, set_learning_rate
+from raytrain_vae.objectives import reconstruction_nll
+from raytrain_vae.optim import make_optimizer
 
 LEVELS_2 = "model.levels=[{size: 7, channels: 16}, {size: 14, channels: 8}]"
 VARIANTS = {
@@ -74,26 +76,19 @@ def score_on_test(model, test: torch.Tensor) -> tuple[float, list[float]]:
 
 
 def train_variant(overrides: list[str], train: torch.Tensor, test: torch.Tensor, epochs: int):
-    """The variant trained for `epochs`; a line per epoch."""
+    """The variant trained for `epochs` by the workers' own epoch loop (`train_epoch`: its
+    seeded shuffle and binarization, and every train.* key: schedule, clipping, autocast), in
+    one process with the whole batch; a line per epoch."""
     cfg = load_config("vae", [f"train.epochs={epochs}", *overrides])
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, tuple(train.shape[1:])).to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, cfg, torch.device("cpu"))
-    batch = cfg.train.batch_size
-    steps = math.ceil(len(train) / batch)
+    model = build_model(cfg.model, tuple(train.shape[1:])).to(memory_format=memory_format_for(cfg))
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    run = RankRun(cfg, model, model, optimizer, train, None, cfg.data.binarize == "dynamic")
+    state, binarizer = TrainState(), torch.Generator()
     params = sum(p.numel() for p in model.parameters())
     for epoch in range(epochs):
         start = time.perf_counter()
-        order = torch.randperm(len(train))
-        for i in range(steps):
-            step = epoch * steps + i
-            x = torch.bernoulli(train[order[i * batch : (i + 1) * batch]].float() / 255)
-            set_learning_rate(opt, cfg, step, steps)
-            weight = kl_weight(step, steps, cfg.train.beta, cfg.train.kl_warmup_epochs)
-            loss, _, _ = training_loss(model, x, weight, cfg.train.free_bits)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        train_epoch(run, state, epoch, binarizer)
         seconds = time.perf_counter() - start
         score, kl = score_on_test(model, test)
         levels = " + ".join(f"{k:.1f}" for k in kl)
