@@ -14,12 +14,14 @@ turn; each config keeps its fastest round. Ratios are against the first config.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
 from raytrain_vae.checkpoint import TrainState
+from raytrain_vae.cli import run_cli
 from raytrain_vae.config import Config, load_config
 from raytrain_vae.data import image_shape
 from raytrain_vae.loop import RankRun, memory_format_for, train_step
@@ -81,7 +83,7 @@ def compare_step_times(configs: dict[str, Config], rounds: int, per_round: int) 
         torch.set_num_threads(before)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+", help="config files or names; the first is the base")
     parser.add_argument("--rounds", type=int, default=5)
@@ -92,7 +94,8 @@ def main() -> None:
     base = times[args.configs[0]]
     for name, ms in times.items():
         print(f"{name}: {ms:.1f} ms a step ({ms / base:.2f}x)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))  # a config error: one line and exit status 2

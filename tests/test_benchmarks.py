@@ -126,6 +126,16 @@ def test_a_timed_step_is_the_workers_training_step():
     )
 
 
+def test_step_time_names_a_missing_config_in_one_line():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/step_time.py", "configs/vae.yaml", "no-such.yaml"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == ["error: no-such.yaml: no such config file"]
+    assert proc.stdout == ""
+
+
 def test_scoring_a_variant_leaves_the_training_random_stream_alone():
     """The screen scores after every epoch; if scoring reseeded torch's stream, every later
     epoch would see the same shuffle, binarization and latent noise (it once did)."""
