@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from raytrain_vae.cli import run_cli
 from raytrain_vae.config import load_config
 from raytrain_vae.data import ingest_mode, load_splits
 from raytrain_vae.ingest import STREAM_SPARE_CPUS
@@ -236,7 +238,7 @@ def header(cpus: float, epochs: int, rounds: int, work: Path) -> None:
     )
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     limit = f"images per set (default: all of Fashion-MNIST, {RGB_IMAGES} of each RGB size)"
@@ -251,6 +253,7 @@ def main() -> None:
     epochs, rounds = (2, 1) if args.smoke else (args.epochs, args.rounds)
     fmnist_n = 600 if args.smoke else args.limit
     rgb_n = 300 if args.smoke else args.limit or RGB_IMAGES
+    load_config(None, [f"train.epochs={epochs}", *args.overrides])  # a bad key fails here
 
     work = Path(tempfile.mkdtemp(prefix="ingest_throughput_"))
     init_ray()
@@ -275,7 +278,8 @@ def main() -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))  # a config error: one line and exit status 2

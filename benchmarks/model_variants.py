@@ -15,11 +15,13 @@ torch's default threads; compare the ratios within one run.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
 from raytrain_vae.checkpoint import TrainState
+from raytrain_vae.cli import run_cli
 from raytrain_vae.config import load_config
 from raytrain_vae.data import load_splits
 from raytrain_vae.diagnostics import group_sizes
@@ -100,7 +102,7 @@ def train_variant(overrides: list[str], train: torch.Tensor, test: torch.Tensor,
     return score, seconds
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit", type=int, default=20000, help="training images (0 = all)")
@@ -114,6 +116,8 @@ def main() -> None:
     if args.smoke:
         args.epochs, args.limit, args.test_images = 1, 300, 200
         variants = {k: variants[k] for k in ("conv (default)", "hierarchical, 16x7x7 + 8x14x14")}
+    for overrides in variants.values():  # a bad key fails now, not after the other variants
+        load_config("vae", [f"train.epochs={args.epochs}", *overrides])
     splits = load_splits(load_config("vae").data)
     train = splits.train[: args.limit or None]
     test = splits.test[: args.test_images]
@@ -126,7 +130,8 @@ def main() -> None:
     print("\nvariant | test neg ELBO | vs default | epoch time vs default")
     for name, (score, seconds) in results.items():
         print(f"{name} | {score:.2f} | {score - base_score:+.2f} | {seconds / base_seconds:.2f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))  # a config error: one line and exit status 2

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from step_time import compare_step_times
 from torch import nn
 
 from raytrain_vae.checkpoint import read_state
+from raytrain_vae.cli import run_cli
 from raytrain_vae.config import load_config
 from raytrain_vae.data import load_splits, to_model_input
 from raytrain_vae.evaluation import evaluate
@@ -161,14 +163,18 @@ def mean_epoch_seconds(checkpoint: Path) -> float:
     return sum(h["epoch_s"] for h in history) / len(history)
 
 
-def hierarchical_row(cfg, args, splits, iwae_images, conv_epoch_s: float) -> dict:
-    """Train and score the --hierarchical config with the same data, epochs and batch size."""
-    deep = load_config(args.hierarchical, [
+def hierarchical_config(cfg, args):
+    """The --hierarchical config with the default's data, epochs, batch size and seed."""
+    return load_config(args.hierarchical, [
         f"train.epochs={args.epochs}", f"train.batch_size={cfg.train.batch_size}",
         f"train.seed={cfg.train.seed}", f"run.storage_path={cfg.run.storage_path}",
         f"run.name={cfg.run.name}-hierarchical", f"run.checkpoints_to_keep={args.epochs}",
         *(["data.limit=600"] if args.smoke else []),
     ])  # fmt: skip
+
+
+def hierarchical_row(cfg, deep, args, splits, iwae_images, conv_epoch_s: float) -> dict:
+    """Train and score the hierarchical config `deep` beside the default `cfg`."""
     print(f"training {args.hierarchical} through Ray Train ...", flush=True)
     checkpoints, wall = train_project(deep)
     curve = curve_on_test(checkpoints, splits.test)
@@ -345,7 +351,7 @@ def write_results(results: dict, out: Path) -> None:
     print(f"curves: {out / 'curves.png'}  results: {out / 'quality.json'}")
 
 
-def main() -> None:
+def main() -> int:
     args = parse_args()
     storage = tempfile.mkdtemp(prefix="quality-")
     overrides = [
@@ -357,6 +363,8 @@ def main() -> None:
         *args.overrides,
     ]
     cfg = load_config(args.config, overrides)
+    # Both configs are checked before hours of training, not after the first half of them.
+    deep_cfg = hierarchical_config(cfg, args) if args.hierarchical else None
     splits = load_splits(cfg.data)
     if args.smoke:
         splits = dataclasses.replace(splits, test=splits.test[:500])
@@ -397,7 +405,7 @@ def main() -> None:
     deep = None
     if args.hierarchical:
         conv_epoch_s = mean_epoch_seconds(checkpoints[-1])
-        deep = hierarchical_row(cfg, args, splits, iwae_images, conv_epoch_s)
+        deep = hierarchical_row(cfg, deep_cfg, args, splits, iwae_images, conv_epoch_s)
         report_hierarchical(deep, args, ours_curve[-1], conv_epoch_s, dims)
     if args.parquet_stream:
         stream_curve, stream_wall = train_from_parquet_stream(
@@ -424,7 +432,8 @@ def main() -> None:
         "hierarchical": deep,
     }
     write_results(results, Path(args.out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))  # a config error: one line and exit status 2

@@ -19,6 +19,7 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from raytrain_vae.cli import run_cli
 from raytrain_vae.config import apply_overrides, load_config, validate_config
 from raytrain_vae.data import load_splits
 from raytrain_vae.models.conv import ConvVAE
@@ -145,7 +147,7 @@ def ratio_text(ratio: float) -> str:
     return "not run (--smoke)" if math.isnan(ratio) else f"{ratio:.3f}"
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/vae.yaml")
     parser.add_argument("--epochs", type=int, default=3)
@@ -217,7 +219,8 @@ def main() -> None:
     print(f"ratio Ray Train 1 worker / plain: {one_rate / plain_rate:.3f}")
     print(f"ratio Ray Train 2 workers / 1 worker: {two_rate / one_rate:.3f}")
     print(f"ratio Ray Train 2 workers with Gloo / 1 worker: {ratio_text(gloo_rate / one_rate)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))  # a config error: one line and exit status 2

@@ -126,13 +126,29 @@ def test_a_timed_step_is_the_workers_training_step():
     )
 
 
-def test_step_time_names_a_missing_config_in_one_line():
+MISSING = "error: no-such.yaml: no such config file"
+UNKNOWN = "error: override model.levelz: unknown key"
+
+
+BAD_CONFIGS = [
+    (["step_time.py", "configs/vae.yaml", "no-such.yaml"], MISSING),
+    (["train_throughput.py", "--config", "no-such.yaml"], MISSING),
+    (["quality.py", "--hierarchical", "no-such.yaml"], MISSING),
+    (["model_variants.py", "model.levelz=1"], UNKNOWN),
+    (["ingest_throughput.py", "model.levelz=1"], UNKNOWN),
+]
+
+
+@pytest.mark.parametrize("args, line", BAD_CONFIGS, ids=[a[0] for a, _ in BAD_CONFIGS])
+def test_a_benchmark_names_a_bad_config_in_one_line_before_any_work(args, line):
+    """Before any training (quality.py once trained for minutes before reading --hierarchical),
+    with nothing on stdout, no traceback, exit status 2."""
     proc = subprocess.run(
-        [sys.executable, "benchmarks/step_time.py", "configs/vae.yaml", "no-such.yaml"],
+        [sys.executable, f"benchmarks/{args[0]}", *args[1:]],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines() == ["error: no-such.yaml: no such config file"]
+    assert proc.stderr.strip().splitlines() == [line]
     assert proc.stdout == ""
 
 
