@@ -415,6 +415,17 @@ def test_parquet_null_image_names_file_and_row(tmp_path, row):
     one_line(raised, str(tmp_path / "n.parquet"), f"row {row}", "null")
 
 
+@pytest.mark.parametrize("row", [0, 3])
+def test_parquet_bytes_that_are_no_image_name_file_and_row(tmp_path, row):
+    _, pngs = png_table(6, seed=0)
+    pngs[row] = b"these bytes are not an image"
+    pq.write_table(pa.table({"image": pa.array(pngs, pa.binary())}), tmp_path / "b.parquet")
+    with pytest.raises(DataError) as raised:
+        load_splits(parquet_cfg(tmp_path / "b.parquet"))
+    one_line(raised, str(tmp_path / "b.parquet"), f"row {row}", "not a readable PNG/JPEG image")
+    assert "0x" not in str(raised.value)  # PIL's message names our buffer's address
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from raytrain_vae.config import DataSection
@@ -79,6 +79,8 @@ def decode_image(data: bytes, spec: ImageSpec, where: str) -> torch.Tensor:
         image = image.convert("L" if spec.channels == 1 else "RGB")
     except Image.DecompressionBombError:
         raise DataError(f"{where}: image is too large to decode") from None
+    except UnidentifiedImageError:  # its message is the repr of our in-memory buffer
+        raise DataError(f"{where}: not a readable PNG/JPEG image (no known format)") from None
     except Exception as exc:  # PIL raises many types for bytes that are not a whole image
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:80]
         raise DataError(f"{where}: not a readable PNG/JPEG image ({reason})") from None
