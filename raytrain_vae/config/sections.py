@@ -157,7 +157,11 @@ class ScalingSection(Section):
     num_workers: int = Field(1, gt=0, le=100_000, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend.")
     cpus_per_worker: float = Field(
-        1.0, gt=0, le=4096, description="CPUs reserved per worker; also its torch thread count."
+        1.0,
+        gt=0,
+        le=4096,
+        description="CPUs reserved per worker; also its torch thread count (rounded down, at "
+        "least 1).",
     )
     gpus_per_worker: float = Field(
         1.0, gt=0, le=64, description="GPUs per worker when use_gpu is true."
