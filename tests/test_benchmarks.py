@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import load_benchmark
 
+from raytrain_vae.cli import run_cli
 from raytrain_vae.config import load_config
 from raytrain_vae.models import build_model
 
@@ -131,25 +132,43 @@ UNKNOWN = "error: override model.levelz: unknown key"
 
 
 BAD_CONFIGS = [
-    (["step_time.py", "configs/vae.yaml", "no-such.yaml"], MISSING),
-    (["train_throughput.py", "--config", "no-such.yaml"], MISSING),
-    (["quality.py", "--hierarchical", "no-such.yaml"], MISSING),
-    (["model_variants.py", "model.levelz=1"], UNKNOWN),
-    (["ingest_throughput.py", "model.levelz=1"], UNKNOWN),
+    ("step_time", ["configs/vae.yaml", "no-such.yaml"], MISSING),
+    ("train_throughput", ["--config", "no-such.yaml"], MISSING),
+    ("quality", ["--hierarchical", "no-such.yaml"], MISSING),
+    ("model_variants", ["model.levelz=1"], UNKNOWN),
+    ("ingest_throughput", ["model.levelz=1"], UNKNOWN),
 ]
 
 
-@pytest.mark.parametrize("args, line", BAD_CONFIGS, ids=[a[0] for a, _ in BAD_CONFIGS])
-def test_a_benchmark_names_a_bad_config_in_one_line_before_any_work(args, line):
-    """Before any training (quality.py once trained for minutes before reading --hierarchical),
-    with nothing on stdout, no traceback, exit status 2."""
+@pytest.mark.parametrize("script, args, line", BAD_CONFIGS, ids=[s for s, _, _ in BAD_CONFIGS])
+def test_a_benchmark_names_a_bad_config_in_one_line_before_any_work(
+    script, args, line, monkeypatch, capsys
+):
+    """One line, exit status 2, nothing on stdout, and no work first (quality.py once trained
+    two models for minutes before it read --hierarchical)."""
+    module = load_benchmark(script)
+
+    def work(*_args, **_kwargs):
+        raise AssertionError("the benchmark began work before it checked its config")
+
+    for name in ("load_splits", "init_ray", "compare_step_times"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, work)
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{script}.py", *args])
+    assert run_cli(module.main) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [line]
+    assert out == ""
+
+
+def test_a_benchmark_script_exits_with_the_cli_status():
     proc = subprocess.run(
-        [sys.executable, f"benchmarks/{args[0]}", *args[1:]],
+        [sys.executable, "benchmarks/quality.py", "--hierarchical", "no-such.yaml"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines() == [line]
-    assert proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [MISSING]
 
 
 def test_scoring_a_variant_leaves_the_training_random_stream_alone():
