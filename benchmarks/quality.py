@@ -353,7 +353,8 @@ def write_results(results: dict, out: Path) -> None:
 
 def main() -> int:
     args = parse_args()
-    storage = tempfile.mkdtemp(prefix="quality-")
+    # Named, not made: Ray Train creates it, so a config error leaves nothing behind.
+    storage = Path(tempfile.gettempdir()) / f"quality-{os.getpid()}-{time.time_ns()}"
     overrides = [
         f"train.epochs={args.epochs}",
         f"run.storage_path={storage}",

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -142,7 +143,7 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("script, args, line", BAD_CONFIGS, ids=[s for s, _, _ in BAD_CONFIGS])
 def test_a_benchmark_names_a_bad_config_in_one_line_before_any_work(
-    script, args, line, monkeypatch, capsys
+    script, args, line, monkeypatch, capsys, tmp_path
 ):
     """One line, exit status 2, nothing on stdout, and no work first (quality.py once trained
     two models for minutes before it read --hierarchical)."""
@@ -155,11 +156,13 @@ def test_a_benchmark_names_a_bad_config_in_one_line_before_any_work(
         if hasattr(module, name):
             monkeypatch.setattr(module, name, work)
     monkeypatch.chdir(REPO)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(sys, "argv", [f"benchmarks/{script}.py", *args])
     assert run_cli(module.main) == 2
     out, err = capsys.readouterr()
     assert err.strip().splitlines() == [line]
     assert out == ""
+    assert list(tmp_path.iterdir()) == []  # no scratch folder left behind either
 
 
 def test_a_benchmark_script_exits_with_the_cli_status():
