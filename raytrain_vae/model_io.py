@@ -54,9 +54,7 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
         )
         raise ModelFileError(f"{directory}: {missing}")
     if not weights.is_file() or not (directory / CONFIG_FILE).is_file():
-        raise ModelFileError(
-            f"{directory}: not a model directory (needs {MODEL_FILE} and {CONFIG_FILE})"
-        )
+        raise ModelFileError(f"{directory}: {not_a_model_reason(directory)}")
     cfg = validate_config(read_yaml_mapping(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
     state, meta = load_weights(weights, device)
     shape = image_shape_of(meta)
@@ -70,6 +68,16 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
         detail = first[1].strip() if len(first) > 1 else first[0]
         raise ModelFileError(f"{weights}: weights do not match {CONFIG_FILE} ({detail})") from None
     return model.to(device).eval(), cfg
+
+
+def not_a_model_reason(directory: Path) -> str:
+    """Why a folder is no model, naming the newest checkpoint when it is a training run's folder
+    (users pass the run folder, or glob checkpoint_* and catch Ray's snapshot file)."""
+    checkpoints = sorted(p for p in directory.glob("checkpoint_*") if (p / MODEL_FILE).is_file())
+    if checkpoints:  # Ray Train names them checkpoint_<timestamp>: by name is by age
+        newest = checkpoints[-1]
+        return f"a training run's folder; pass one of its checkpoints (the newest: {newest})"
+    return f"not a model directory (needs {MODEL_FILE} and {CONFIG_FILE})"
 
 
 def load_weights(

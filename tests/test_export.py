@@ -329,6 +329,17 @@ def test_directory_without_weights_or_config(exported, missing):
     assert "model.safetensors" in msg and "config.yaml" in msg
 
 
+def test_a_training_run_folder_names_its_newest_checkpoint(tmp_path, exported):
+    run = tmp_path / "run"
+    for stamp in ("2026-12-03_06-12-52.092171", "2026-12-03_06-35-16.676450"):
+        shutil.copytree(exported, run / f"checkpoint_{stamp}")
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    msg = _export_error(run)
+    assert "a training run's folder" in msg
+    assert msg.endswith(f"(the newest: {run / 'checkpoint_2026-12-03_06-35-16.676450'})")
+    load_model_dir(run / "checkpoint_2026-12-03_06-35-16.676450")  # the one named loads
+
+
 def test_truncated_weights(exported):
     weights = exported / "model.safetensors"
     data = weights.read_bytes()
