@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision.datasets
 from conftest import Written, idx_bytes, make_idx_dataset
 from torchvision.datasets import MNIST
 
@@ -183,8 +187,62 @@ def test_file_that_is_not_idx_raises_data_error(tmp_path, written):
     raw = root / "MNIST" / "raw"
     written.write(raw, gz=False)
     (raw / "train-labels-idx1-ubyte").write_bytes(b"<html>rate limited</html>\n")
-    with pytest.raises(DataError, match="cannot read mnist"):
+    with pytest.raises(DataError, match="cannot read mnist") as info:
         load_splits(cfg_for(root))
+    assert str(raw / "train-labels-idx1-ubyte") in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda b: b[:-1], "holds 359 bytes of data, its header says (12, 6, 5)"),
+        (lambda b: b + b"\0", "holds 361 bytes of data"),
+        (lambda b: b[:10], "cut short in its header"),
+        (lambda b: b"\0\0\x0d" + b[3:], "not an IDX file of 3-dimensional uint8 data"),  # float
+        (lambda b: b[:3] + b"\x02" + b[4:], "not an IDX file of 3-dimensional uint8 data"),
+    ],
+)
+def test_an_idx_file_whose_size_or_type_disagrees_with_its_header_is_named(
+    tmp_path, written, damage, why
+):
+    root = tmp_path / "root"
+    raw = root / "MNIST" / "raw"
+    written.write(raw, gz=False)
+    path = raw / "t10k-images-idx3-ubyte"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataError) as info:
+        load_splits(cfg_for(root))
+    assert str(info.value).startswith(f"cannot read mnist from {path}: ")
+    assert why in str(info.value)
+
+
+def test_a_read_only_root_reads_the_gz_files_without_a_cache(root, written):
+    root.chmod(0o555)
+    try:
+        s = load_splits(cfg_for(root))
+    finally:
+        root.chmod(0o755)
+    assert torch.equal(s.test[:, 0], torch.from_numpy(written.test_images))
+    if os.geteuid() != 0:  # root writes through any mode
+        assert not (root / "MNIST").exists()
+
+
+def test_reading_idx_files_and_every_command_module_leave_torchvision_unimported(root):
+    """torchvision costs each process 1.5 s to import, each Ray worker included
+    (docs/performance.md): only downloading, grids and resizing import it."""
+    modules = ["training", "worker", "tune", "generate", "evaluation", "export", "ingest"]
+    code = "; ".join(
+        [
+            "import sys",
+            *(f"import raytrain_vae.{name}" for name in modules),
+            "from raytrain_vae.config import DataSection",
+            "from raytrain_vae.data import load_splits",
+            f"load_splits(DataSection(source='mnist', root={str(root)!r}, download=False))",
+            "print('torchvision' in sys.modules)",
+        ]
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
 # --- missing data and downloads ---------------------------------------------------------
@@ -239,7 +297,7 @@ def test_download_failure_via_datasets_entry(monkeypatch, tmp_path):
         def __init__(self, root, train=True, download=False):
             _offline()
 
-    monkeypatch.setitem(idx_source.DATASETS, "mnist", MNIST)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", MNIST)
     cfg = DataSection(source="mnist", root=str(tmp_path / "empty"), download=True)
     with pytest.raises(DataError, match="download failed.*offline"):
         load_splits(cfg)

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets import CIFAR10
 
 from raytrain_vae.config import DataSection
 from raytrain_vae.data.source import DataError, DataSource, RawData
 
-FOLDER = CIFAR10.base_folder  # "cifar-10-batches-py"
-TRAIN_FILES = [name for name, _ in CIFAR10.train_list]
-TEST_FILES = [name for name, _ in CIFAR10.test_list]
+# The layout of the archive from https://www.cs.toronto.edu/~kriz/cifar.html, which
+# torchvision's CIFAR10 downloads and extracts. torchvision is imported only to download: it
+# costs every process that imports this module 1.5 s otherwise (docs/performance.md).
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILES = ["test_batch"]
 IMAGES_PER_FILE = 10_000
 # What a CIFAR batch file may ask the unpickler for: numpy's array reconstruction, nothing else.
 # Python 3 pickles an array's bytes through _codecs.encode at protocol 2, and the array through
@@ -55,6 +57,8 @@ def ensure(cfg: DataSection) -> Path:
             f"cifar10 not found in {where} (data.download is false); put the extracted "
             f"{FOLDER} folder under data.root, or set data.download=true with internet access"
         )
+    from torchvision.datasets import CIFAR10
+
     try:
         CIFAR10(str(Path(cfg.root).expanduser()), train=True, download=True)
     except Exception as exc:  # offline, DNS, checksum mismatch: all mean "not available"

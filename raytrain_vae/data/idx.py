@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
-import tempfile
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
-from torchvision.datasets import MNIST, FashionMNIST
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from raytrain_vae.config import DataSection
 from raytrain_vae.data.source import DataError, DataSource, RawData
 from raytrain_vae.outputs import OutputError, write_file_atomically
 
-DATASETS: dict[str, type[MNIST]] = {"mnist": MNIST, "fashion_mnist": FashionMNIST}
+# torchvision's dataset class for each source: it downloads, and names the folder it uses.
+DATASETS: dict[str, str] = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 IMAGE_SHAPE = (1, 28, 28)  # (C, H, W) of every dataset above
 TRAIN_SPLIT_IMAGES = 60_000
 # Distribution packages that ship the IDX files (Debian: `apt-get install dataset-fashion-mnist`).
@@ -33,7 +35,7 @@ FILES = {
 def candidate_dirs(cfg: DataSection) -> list[Path]:
     """Folders searched, in order: torchvision's layout under root, root itself, system copies."""
     root = Path(cfg.root).expanduser()
-    raw = root / DATASETS[cfg.source].__name__ / "raw"
+    raw = root / DATASETS[cfg.source] / "raw"
     return [raw, root, *(Path(d) for d in SYSTEM_DIRS[cfg.source])]
 
 
@@ -54,7 +56,11 @@ def locate_files(cfg: DataSection) -> dict[str, Path] | None:
 
 
 def _download(cfg: DataSection) -> None:
-    cls = DATASETS[cfg.source]
+    # Imported only to download: torchvision costs every process that imports it 1.5 s, and
+    # each Ray worker reads the IDX files (docs/performance.md).
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, DATASETS[cfg.source])
     root = Path(cfg.root).expanduser()
     try:
         cls(str(root), train=True, download=True)
@@ -75,22 +81,33 @@ def _missing_message(cfg: DataSection, why: str) -> str:
     return f"{cfg.source} not found ({why}); looked in {looked}; fix: {fix}"
 
 
-def _read_idx(path: Path, reader, cache_dir: Path) -> torch.Tensor:
-    """Read an IDX file with torchvision's reader, decompressing .gz into the cache once."""
+def parse_idx(data: bytes, ndim: int) -> torch.Tensor:
+    """The uint8 array of an IDX file's bytes (big-endian header: two zero bytes, type 0x08,
+    the number of dimensions, then each dimension as a uint32), checked to have ndim of them."""
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+        raise ValueError(f"not an IDX file of {ndim}-dimensional uint8 data (header {data[:4]!r})")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"cut short in its header ({len(data)} bytes)")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    if len(data) - header != int(np.prod(shape)):
+        raise ValueError(f"holds {len(data) - header} bytes of data, its header says {shape}")
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=header).reshape(shape).copy())
+
+
+def _idx_bytes(path: Path, cache_dir: Path) -> bytes:
+    """An IDX file's bytes, decompressing .gz into the cache once."""
     if path.suffix != ".gz":
-        return reader(str(path))
+        return path.read_bytes()
     target = cache_dir / path.stem
     if target.is_file():
-        return reader(str(target))
+        return target.read_bytes()
     plain = gzip.decompress(path.read_bytes())
-    try:  # atomic: concurrent workers on one node never see half a file
+    # Atomic: concurrent workers on one node never see half a file. A read-only root: the
+    # next run decompresses again.
+    with contextlib.suppress(OutputError):
         write_file_atomically(target, plain, "dataset cache")
-    except OutputError:  # read-only root: read from a throwaway file instead
-        with tempfile.NamedTemporaryFile(prefix=f".{path.stem}.") as tmp:
-            tmp.write(plain)
-            tmp.flush()
-            return reader(tmp.name)
-    return reader(str(target))
+    return plain
 
 
 def ensure_files(cfg: DataSection) -> dict[str, Path]:
@@ -106,20 +123,23 @@ def ensure_files(cfg: DataSection) -> dict[str, Path]:
     return files
 
 
+def read_idx_file(path: Path, ndim: int, cache_dir: Path, source: str) -> torch.Tensor:
+    """One IDX file's uint8 array; a file that is no IDX file of ndim dimensions (an HTML error
+    page saved under its name, a cut-short download) is a DataError naming it."""
+    try:
+        return parse_idx(_idx_bytes(path, cache_dir), ndim)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise DataError(f"cannot read {source} from {path}: {exc}") from None
+
+
 def read_idx_dataset(cfg: DataSection) -> RawData:
     """The dataset's training and test images (uint8, N x 1 x 28 x 28) and labels."""
     files = ensure_files(cfg)
     cache = candidate_dirs(cfg)[0]
-    try:
-        arrays = {
-            key: _read_idx(path, read_label_file if "labels" in key else read_image_file, cache)
-            for key, path in files.items()
-        }
-    # torchvision's reader asserts on a malformed header (an HTML error page saved as IDX).
-    except (OSError, EOFError, TypeError, ValueError, RuntimeError, AssertionError) as exc:
-        raise DataError(
-            f"cannot read {cfg.source} from {files['train_images'].parent}: {exc}"
-        ) from None
+    arrays = {
+        key: read_idx_file(path, 1 if "labels" in key else 3, cache, cfg.source)
+        for key, path in files.items()
+    }
     raw = RawData(
         train=arrays["train_images"].unsqueeze(1),
         train_labels=arrays["train_labels"].long(),

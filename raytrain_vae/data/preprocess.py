@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as TF
 
 from raytrain_vae.config import DataSection
 from raytrain_vae.data.source import DataError
@@ -39,6 +38,15 @@ def spec_of(cfg: DataSection, native_channels: int) -> ImageSpec:
     )
 
 
+def transforms():  # noqa: ANN201 (a module)
+    """torchvision's v2 functional transforms, imported when an image first needs one: importing
+    torchvision costs 1.5 s in every process (each Ray worker too), and images already at their
+    size and channels need none of it."""
+    from torchvision.transforms.v2 import functional
+
+    return functional
+
+
 def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     """uint8 (N, C, H, W) -> (N, channels, H, W): grey repeated into RGB, or RGB to grey with
     the ITU-R 601-2 weights PIL's convert('L') uses, so tensors and files agree."""
@@ -46,7 +54,7 @@ def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
         return images
     if channels == 3:
         return images.expand(-1, 3, -1, -1).contiguous()
-    return TF.rgb_to_grayscale(images)
+    return transforms().rgb_to_grayscale(images)
 
 
 def crop_and_resize(images: torch.Tensor, spec: ImageSpec, where: str = "images") -> torch.Tensor:
@@ -58,9 +66,9 @@ def crop_and_resize(images: torch.Tensor, spec: ImageSpec, where: str = "images"
             raise DataError(
                 f"{where}: image is {w}x{h}, smaller than data.crop {spec.crop[1]}x{spec.crop[0]}"
             )
-        images = TF.center_crop(images, list(spec.crop))
+        images = transforms().center_crop(images, list(spec.crop))
     if spec.size is not None and tuple(images.shape[-2:]) != spec.size:
-        images = TF.resize(images, list(spec.size), antialias=True)
+        images = transforms().resize(images, list(spec.size), antialias=True)
     return images
 
 
