@@ -14,7 +14,7 @@ from raytrain_vae.models import VAE
 
 def grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
     """(N, C, H, W) images in [0, 1] as one (3, H', W') grid on the CPU, nrow images per row."""
-    from torchvision.utils import make_grid  # here: importing torchvision costs 1.5 s a process
+    from torchvision.utils import make_grid  # here: torchvision slows start-up
 
     nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
     return make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2)

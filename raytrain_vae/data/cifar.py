@@ -14,7 +14,7 @@ from raytrain_vae.data.source import DataError, DataSource, RawData
 
 # The layout of the archive from https://www.cs.toronto.edu/~kriz/cifar.html, which
 # torchvision's CIFAR10 downloads and extracts. torchvision is imported only to download: it
-# costs every process that imports this module 1.5 s otherwise (docs/performance.md).
+# slows the start-up of every process that imports this module otherwise (docs/performance.md).
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]

@@ -56,7 +56,7 @@ def locate_files(cfg: DataSection) -> dict[str, Path] | None:
 
 
 def _download(cfg: DataSection) -> None:
-    # Imported only to download: torchvision costs every process that imports it 1.5 s, and
+    # Imported only to download: torchvision slows every importing process's start-up, and
     # each Ray worker reads the IDX files (docs/performance.md).
     import torchvision.datasets
 

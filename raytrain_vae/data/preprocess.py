@@ -40,7 +40,7 @@ def spec_of(cfg: DataSection, native_channels: int) -> ImageSpec:
 
 def transforms():  # noqa: ANN201 (a module)
     """torchvision's v2 functional transforms, imported when an image first needs one: importing
-    torchvision costs 1.5 s in every process (each Ray worker too), and images already at their
+    torchvision slows every process's start-up (each Ray worker too), and images already at their
     size and channels need none of it."""
     from torchvision.transforms.v2 import functional
 
