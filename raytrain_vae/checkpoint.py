@@ -101,10 +101,9 @@ def check_same_model(folder: Path, cfg: Config) -> None:
 def check_resumable(cfg: Config) -> None:
     """Refuse, before Ray starts, to resume run.name from local checkpoints of another model or
     with weights that fail their checksum (workers check again, e.g. on URI storage)."""
-    storage = cfg.resolved_storage_path()
-    if is_uri(storage):
+    if is_uri(cfg.resolved_storage_path()):
         return
-    for folder in sorted((Path(storage) / cfg.run.name).glob("checkpoint_*")):
+    for folder in sorted(Path(cfg.run_folder()).glob("checkpoint_*")):
         if (folder / CONFIG_FILE).is_file():
             check_same_model(folder, cfg)
             load_weights(folder / MODEL_FILE)

@@ -110,6 +110,26 @@ def read_bytes(path: str) -> bytes:
             raise UserError(_not_found(filesystem, inner, path)) from None
 
 
+def file_names_under(path: str) -> list[str] | None:
+    """The names, relative to the folder `path` (local or URI), of every file below it, sorted;
+    None where nothing exists at `path`. Raises UserError when it cannot be read."""
+    filesystem, inner, endpoint = _resolve(path)
+    with _user_errors(path, endpoint):
+        if filesystem.get_file_info(inner).type == pafs.FileType.NotFound:
+            return None
+        base = inner.rstrip("/") or inner
+        found = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+    return sorted(e.path[len(base) :].lstrip("/") for e in found if e.type == pafs.FileType.File)
+
+
+def delete_folder(path: str) -> None:
+    """Delete the folder `path` (local or URI) and everything below it. Raises UserError when it
+    cannot."""
+    filesystem, inner, endpoint = _resolve(path)
+    with _user_errors(path, endpoint):
+        filesystem.delete_dir(inner)
+
+
 def _resolve(path: str) -> tuple[pafs.FileSystem, str, str | None]:
     """filesystem_for's answer, and the custom S3 endpoint used (None: none, or not S3)."""
     if not is_uri(path):

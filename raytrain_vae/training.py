@@ -32,11 +32,13 @@ from raytrain_vae.ingest import STREAM_SPARE_CPUS, ShardedValidation, stream_dat
 from raytrain_vae.model_io import METRICS_FILE, STATE_FILE
 from raytrain_vae.models.sizing import check_trainable, machine_memory_bytes
 from raytrain_vae.runtime import check_writable, init_ray, require_resources
-from raytrain_vae.storage import ray_storage
+from raytrain_vae.storage import delete_folder, file_names_under, ray_storage
 from raytrain_vae.tracking import check_tracking, run_tags, tracking_spec
 from raytrain_vae.worker import train_loop_per_worker
 
 CONTROLLER_RETRIES = 2
+# What Ray Train writes into a run's folder before the run starts (its storage check).
+RAY_STORAGE_MARKER = ".validate_storage_marker"
 DESCRIPTION = """Train one VAE with Ray Train (PyTorch DDP over scaling.num_workers workers) from a
 config. Re-running the same run.name resumes it from its last checkpoint. Every loss is the
 negative ELBO per image in nats."""
@@ -202,13 +204,28 @@ def fit(cfg: Config) -> Result:
     preflight(cfg)
     init_ray()
     require_worker_resources(cfg)
+    folder = cfg.run_folder()
+    new_run = file_names_under(folder) is None
     try:
         return build_trainer(cfg, tracking=run_tracking(cfg)).fit()
     except ray.train.TrainingFailedError as exc:
         user_error = user_error_from(exc)
         if user_error is not None:
+            if new_run:
+                remove_if_unstarted(folder)
             raise user_error from None
         raise
+
+
+def remove_if_unstarted(folder: str) -> None:
+    """Delete a new run's folder that holds nothing but Ray Train's storage marker: a run
+    refused for its input leaves no empty run behind. A folder that cannot be read or deleted
+    is left as it is; the refusal's reason is what the user needs to see."""
+    try:
+        if file_names_under(folder) in ([], [RAY_STORAGE_MARKER]):
+            delete_folder(folder)
+    except UserError:
+        pass
 
 
 def run_tracking(cfg: Config) -> dict | None:
@@ -216,7 +233,7 @@ def run_tracking(cfg: Config) -> dict | None:
     folder when it resumes, and TensorBoard events in that folder."""
     if not cfg.tracked:
         return None
-    folder = f"{cfg.resolved_storage_path().rstrip('/')}/{cfg.run.name}"
+    folder = cfg.run_folder()
     tags = run_tags(ray.get_runtime_context().gcs_address)
     return tracking_spec(cfg, folder, tags, f"{folder}/tensorboard", mlflow=True)
 

@@ -64,10 +64,6 @@ SUMMARY_FILE = "summary"
 PARETO_FILE = "pareto"
 
 
-def experiment_path(cfg: Config) -> str:
-    return f"{cfg.resolved_storage_path().rstrip('/')}/{cfg.run.name}"
-
-
 def make_searcher(cfg: Config, params: list[Param]) -> OptunaSearch:
     algo = cfg.search.algorithm
     if algo.sampler == "random":
@@ -110,7 +106,7 @@ def live_view(cfg: Config, params: list[Param]) -> TrialTable:
 
 def make_tuner(cfg: Config, params: list[Param], callbacks: list | None = None) -> tune.Tuner:
     s = cfg.search
-    trainable = trial_trainable(cfg, params, experiment_path(cfg))
+    trainable = trial_trainable(cfg, params, cfg.run_folder())
     scheduler = None
     if s.scheduler.type == "asha":
         scheduler = ASHAScheduler(
@@ -160,7 +156,7 @@ def export_best(cfg: Config, best: pd.Series) -> Path:
     _, filesystem = ray_storage(cfg.resolved_storage_path())
     if is_uri(path):
         filesystem, path = filesystem_for(path)
-    extra = {"trial_id": best["trial_id"], "experiment": experiment_path(cfg)}
+    extra = {"trial_id": best["trial_id"], "experiment": cfg.run_folder()}
     with Checkpoint(path, filesystem=filesystem).as_directory() as folder:
         return export_model(folder, cfg.resolved_export_dir(), extra)
 
@@ -175,7 +171,7 @@ def search(
         raise ConfigError("search.space is empty: name at least one config key to search")
     # A URI storage needs an explicit export.dir, and it must be ours to replace: before Ray.
     check_output_dir(cfg.resolved_export_dir(), "export.dir", EXPORT_KIND)
-    path = experiment_path(cfg)
+    path = cfg.run_folder()
     ray_path, filesystem = ray_storage(path)
     exists = tune.Tuner.can_restore(ray_path, storage_filesystem=filesystem)
     if exists and not resume:
@@ -219,7 +215,7 @@ def search_trackers(cfg: Config, params: list[Param]) -> list[SearchTracker]:
     if not cfg.tracking.mlflow.uri:
         return []
     tags = run_tags(ray.get_runtime_context().gcs_address)
-    return [SearchTracker(cfg, params, experiment_path(cfg), tags)]
+    return [SearchTracker(cfg, params, cfg.run_folder(), tags)]
 
 
 def write_outputs(cfg: Config, table: pd.DataFrame, path: str, exported: str) -> list[str]:
@@ -245,7 +241,7 @@ def report_tracking(
     cfg: Config, params: list[Param], best: pd.Series, export: Path, written: list[str]
 ) -> None:
     """The search's end in MLflow: best trial, export, files, registered version."""
-    path = experiment_path(cfg)
+    path = cfg.run_folder()
     tracker, SearchTracker.active = SearchTracker.active, None
     if tracker is None or tracker.path != path:  # a resumed search that was not tracked before
         tracker = SearchTracker(cfg, params, path, run_tags(ray.get_runtime_context().gcs_address))
@@ -273,7 +269,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     with stdout_to_stderr(args.json):
         table, export = search(cfg, resume=args.resume)
     if args.json:
-        path = experiment_path(cfg)
+        path = cfg.run_folder()
         print_json(search_summary(cfg, table, export, path, f"{path}/{SUMMARY_FILE}.csv"))
     return 0
 

@@ -425,3 +425,29 @@ def test_a_long_message_is_cut_to_one_line(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and len(err.strip()) == MAX_LINE
     assert err.startswith("error: xxx") and err.strip().endswith("...")
+
+
+def test_a_refused_new_run_leaves_no_folder_but_a_started_one_is_kept(tmp_path, monkeypatch):
+    """What fit() does with a new run's folder after Ray Train refused its input: removed when
+    it holds only Ray Train's storage marker (or nothing), kept once the run wrote anything."""
+    unstarted, empty, started = tmp_path / "unstarted", tmp_path / "empty", tmp_path / "started"
+    for folder in (unstarted, started):
+        folder.mkdir()
+        (folder / train.RAY_STORAGE_MARKER).write_text("")
+    empty.mkdir()
+    (started / "tensorboard").mkdir()
+    (started / "tensorboard" / "events.out").write_bytes(b"epoch 1")
+    for folder in (unstarted, empty, started, tmp_path / "never-made"):
+        train.remove_if_unstarted(str(folder))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["started"]
+    assert (started / "tensorboard" / "events.out").read_bytes() == b"epoch 1"
+
+    # Storage that refuses the deletion: the folder stays and no error of its own hides the
+    # refusal the user must see.
+    def refuse(path: str) -> None:
+        raise train.UserError(f"{path}: permission denied")
+
+    monkeypatch.setattr(train, "delete_folder", refuse)
+    unstarted.mkdir()
+    train.remove_if_unstarted(str(unstarted))
+    assert unstarted.is_dir()

@@ -12,7 +12,14 @@ from conftest import S3Server, free_port
 
 from raytrain_vae import storage
 from raytrain_vae.config import UserError
-from raytrain_vae.storage import filesystem_for, list_files, read_bytes, storage_filesystem
+from raytrain_vae.storage import (
+    delete_folder,
+    file_names_under,
+    filesystem_for,
+    list_files,
+    read_bytes,
+    storage_filesystem,
+)
 
 IMAGES = (".png", ".jpg", ".jpeg")
 # Objects (or files) under a folder: the images list_files returns, and what it skips.
@@ -226,6 +233,26 @@ def test_local_paths(tmp_path: Path, monkeypatch):
         f"file://{folder}/sub/b.JPG",
         f"file://{folder}/sub/deeper/c.jpeg",
     ]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_file_names_under_and_delete_folder(where, tmp_path: Path, request):
+    """Every file below a folder (hidden ones too, relative names), None for nothing there;
+    delete_folder removes the folder and all below it, leaving its neighbour."""
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        root = server.url("tree")
+    else:
+        root = str(tmp_path / "tree")
+    for key, data in TREE.items():
+        write(f"{root}/run/{key}", data)
+    write(f"{root}/neighbour/kept.txt", b"kept")
+    assert file_names_under(f"{root}/run") == sorted(TREE)
+    assert file_names_under(f"{root}/run/") == sorted(TREE)
+    assert file_names_under(f"{root}/nothing") is None
+    delete_folder(f"{root}/run")
+    assert file_names_under(f"{root}/run") is None
+    assert file_names_under(f"{root}/neighbour") == ["kept.txt"]
 
 
 def test_local_errors(tmp_path: Path):

@@ -184,6 +184,8 @@ def test_a_truncated_image_met_mid_epoch_is_one_line_and_exit_2(tmp_path, ingest
     # One line: no traceback from the worker, Ray Data's split coordinator or the driver.
     ours = own_lines(proc.stderr)
     assert "Traceback" not in ours and ours.count(str(broken)) == 1, proc.stderr
+    # Refused before its first checkpoint: no empty run folder left to mistake for a run.
+    assert not (tmp_path / "runs" / "vae").exists(), list((tmp_path / "runs" / "vae").iterdir())
 
 
 def write_parquet_dataset(fs, root: str, n: int) -> None:

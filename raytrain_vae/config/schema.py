@@ -64,6 +64,11 @@ class Config(Section):
             return path
         return str(Path(path).expanduser().resolve())
 
+    def run_folder(self) -> str:
+        """<storage_path>/<run.name>: where Ray Train keeps a training run (its checkpoints, and
+        our TensorBoard events), or Ray Tune a search."""
+        return f"{self.resolved_storage_path().rstrip('/')}/{self.run.name}"
+
     def resolved_export_dir(self) -> Path:
         """export.dir, or <storage_path>/<run.name>/export for local storage."""
         if self.export.dir is not None:
@@ -73,7 +78,7 @@ class Config(Section):
             raise ConfigError(
                 "export.dir must be set (a local path) when run.storage_path is a URI"
             )
-        return Path(storage) / self.run.name / "export"
+        return Path(self.run_folder()) / "export"
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
