@@ -5,6 +5,7 @@ the hierarchical model's defaults.
     python benchmarks/model_variants.py                  # the variants below, 3 epochs, 20k images
     python benchmarks/model_variants.py --smoke          # 300 images, 1 epoch
     python benchmarks/model_variants.py --epochs 10 --limit 0 -- "model.residual_blocks=1"
+    python benchmarks/model_variants.py --only --epochs 10 --limit 0 -- model.type=hierarchical
 
 Each variant is a list of key.sub=value overrides of configs/vae.yaml; all see the same images,
 dynamic binarization, batch size, seed, learning-rate schedule and test images (the first
@@ -22,7 +23,7 @@ import torch
 
 from raytrain_vae.checkpoint import TrainState
 from raytrain_vae.cli import run_cli
-from raytrain_vae.config import load_config
+from raytrain_vae.config import ConfigError, load_config
 from raytrain_vae.data import load_splits
 from raytrain_vae.diagnostics import group_sizes
 from raytrain_vae.loop import RankRun, memory_format_for, train_epoch
@@ -108,14 +109,19 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=20000, help="training images (0 = all)")
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--smoke", action="store_true", help="300 images, 1 epoch, 2 variants")
+    parser.add_argument("--only", action="store_true", help="train the given variant alone")
     parser.add_argument("overrides", nargs="*", help="one more variant: key.sub=value ...")
     args = parser.parse_args()
-    variants = dict(VARIANTS)
+    if args.only and not args.overrides:
+        raise ConfigError("--only needs the variant's overrides: key.sub=value ...")
+    variants = {} if args.only else dict(VARIANTS)
     if args.overrides:
         variants["given"] = args.overrides
     if args.smoke:
         args.epochs, args.limit, args.test_images = 1, 300, 200
-        variants = {k: variants[k] for k in ("conv (default)", "hierarchical, 16x7x7 + 8x14x14")}
+        if not args.only:
+            pair = ("conv (default)", "hierarchical, 16x7x7 + 8x14x14")
+            variants = {k: variants[k] for k in pair}
     for overrides in variants.values():  # a bad key fails now, not after the other variants
         load_config("vae", [f"train.epochs={args.epochs}", *overrides])
     splits = load_splits(load_config("vae").data)
@@ -126,6 +132,8 @@ def main() -> int:
     for name, overrides in variants.items():
         print(f"{name}: {' '.join(overrides) or '(configs/vae.yaml)'}", flush=True)
         results[name] = train_variant(overrides, train, test, args.epochs)
+    if args.only:  # no default to compare with
+        return 0
     base_score, base_seconds = results["conv (default)"]
     print("\nvariant | test neg ELBO | vs default | epoch time vs default")
     for name, (score, seconds) in results.items():

@@ -130,6 +130,7 @@ def test_a_timed_step_is_the_workers_training_step():
 
 MISSING = "error: no-such.yaml: no such config file"
 UNKNOWN = "error: override model.levelz: unknown key"
+NOTHING_GIVEN = "error: --only needs the variant's overrides: key.sub=value ..."
 
 
 BAD_CONFIGS = [
@@ -137,6 +138,7 @@ BAD_CONFIGS = [
     ("train_throughput", ["--config", "no-such.yaml"], MISSING),
     ("quality", ["--hierarchical", "no-such.yaml"], MISSING),
     ("model_variants", ["model.levelz=1"], UNKNOWN),
+    ("model_variants", ["--only"], NOTHING_GIVEN),
     ("ingest_throughput", ["model.levelz=1"], UNKNOWN),
 ]
 
@@ -172,6 +174,21 @@ def test_a_benchmark_script_exits_with_the_cli_status():
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [MISSING]
+
+
+def test_model_variants_only_trains_the_given_variant(monkeypatch, capsys):
+    """--only: the given overrides alone (no built-in variant, no table against the default)."""
+    module = load_benchmark("model_variants")
+    given = ["model.channels=[4]", "model.hidden_dim=8", "model.latent_dim=2"]
+    monkeypatch.setattr(sys, "argv", ["model_variants.py", "--only", "--smoke", *given])
+    assert run_cli(module.main) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[:2] == [
+        "300 training images, 200 test images, 1 epochs",
+        f"given: {' '.join(given)}",
+    ]
+    assert re.search(r"\n  epoch 1: test neg ELBO \d+\.\d\d  KL per level \d+\.\d  ", out), out
+    assert "conv (default)" not in out and "variant |" not in out
 
 
 def test_scoring_a_variant_leaves_the_training_random_stream_alone():
