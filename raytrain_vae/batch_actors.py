@@ -99,10 +99,10 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ids = batch["id"]
-        noise = latents_for(ids, self.model.noise_size, self.seed)
-        out = self.model.generate(noise.to(self.device), self.temperature)
+        noise = latents_for(ids, self.model.noise_size, self.seed).to(self.device)
+        out = self.model.generate(noise, self.temperature)
         images = to_uint8(self.model.mean_image(out))
-        z = noise[:, : self.model.latent_dim] * self.temperature  # the top level's z
+        z = self.model.top_z(noise, self.temperature).cpu()  # the top level's z
         columns = {
             "id": pa.array(ids, pa.int64()),
             "latent": fixed_size_list(z.numpy().astype(np.float32)),

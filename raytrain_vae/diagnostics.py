@@ -45,8 +45,9 @@ class UnitActivity:
 
 
 def group_sizes(model: VAE) -> list[int]:
-    """Latent groups per level: the top's dimensions, then each lower level's channels."""
-    return [model.latent_dim, *(c for c, _, _ in getattr(model, "level_shapes", []))]
+    """Latent groups per level: the top's (one per dimension, or one under a mixture prior),
+    then each lower level's channels."""
+    return [model.top_groups, *(c for c, _, _ in getattr(model, "level_shapes", []))]
 
 
 def latent_diagnostics(

@@ -45,6 +45,8 @@ def _model_card(cfg: Config, metrics: dict[str, Any], shape: tuple[int, int, int
     m = cfg.model
     family = "HierarchicalVAE" if m.type == "hierarchical" else "ConvVAE"
     levels = "".join(f", level {lv.channels}x{lv.size}x{lv.size}" for lv in m.levels)
+    if m.prior_components:
+        levels += f", a learned {m.prior_components}-Gaussian mixture as the top z's prior"
     lines = [
         f"# {family} exported by raytrain_vae",
         "",

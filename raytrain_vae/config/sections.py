@@ -43,6 +43,14 @@ class ModelSection(Section):
     )
     kernel_size: int = Field(4, ge=2, le=7, description="Conv kernel size (stride 2).")
     latent_dim: int = Field(16, gt=0, le=WIDTH_LIMIT, description="Dimension of the latent z.")
+    prior_components: int = Field(
+        0,
+        ge=0,
+        le=WIDTH_LIMIT,
+        description="The top z's prior: 0 = N(0, I); K > 0 = a learned mixture of K diagonal "
+        "Gaussians. Its KL is then the one-draw estimate log q(z|x) - log p(z), and "
+        "train.free_bits and `evaluate` treat the top z as one group.",
+    )
     hidden_dim: int = Field(
         256,
         ge=0,

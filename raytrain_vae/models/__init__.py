@@ -3,8 +3,9 @@
 A model takes (ModelSection, image_shape (C, H, W)) and offers: forward(x, samples) -> Pass
 (bottom_up(x) once, then top_down(up, samples, noise)); mean_pass(x) -> MeanPass; encode(x) ->
 the top level's (mu, logvar); decode(z) from a top z; generate(noise, temperature) and sample(n,
-temperature) for new images; reconstruct(x); mean_image(out); latent_dim, noise_size,
-level_names, likelihood, image_shape and num_pixels.
+temperature) for new images, and top_z(noise, temperature) for the top z they start from;
+reconstruct(x); mean_image(out); latent_dim, noise_size, top_groups, level_names, likelihood,
+image_shape and num_pixels.
 """
 
 from __future__ import annotations

@@ -15,10 +15,11 @@ class Pass(NamedTuple):
 
     out: decoder output for every draw, (S * B, C, H, W), sample-major.
     kl: KL(q || p) per draw and image, (S, B): closed form at each level given the levels
-        drawn above it (the top level's is exact).
+        drawn above it (the top level's is exact; under a mixture prior it is the draw's
+        log q(z|x) - log p(z), an unbiased estimate).
     kl_groups: the same KL split by group, (S, B, G): one group per latent dimension of the top
-        level and per channel of each lower level (summed over its positions). Free bits act
-        on groups; `evaluate` reports them.
+        level (one in all under a mixture prior) and per channel of each lower level (summed
+        over its positions). Free bits act on groups; `evaluate` reports them.
     log_prior, log_posterior: log p(z) and log q(z | x) of the drawn latents, all levels,
         (S, B): log p(x | z) + log_prior - log_posterior is the IWAE bound's log weight.
     """

@@ -17,6 +17,7 @@ from raytrain_vae.models.base import (
     standard_normal_kl,
     temperatures,
 )
+from raytrain_vae.models.priors import MixturePrior
 from raytrain_vae.perf.elu import ELU
 
 ACTIVATIONS = {"relu": nn.ReLU, "elu": ELU, "silu": nn.SiLU}
@@ -120,6 +121,9 @@ class ConvVAE(nn.Module):
         )
         for name, parameter in self.likelihood.new_parameters().items():
             self.register_parameter(name, parameter)
+        self.top_prior = (
+            MixturePrior(cfg.prior_components, cfg.latent_dim) if cfg.prior_components else None
+        )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) in [0, 1] -> mean and log-variance of q(z|x), each (B, latent_dim)."""
@@ -167,8 +171,20 @@ class ConvVAE(nn.Module):
 
     @property
     def noise_size(self) -> int:
-        """Standard normal numbers one image's latents are drawn from, all levels."""
-        return self.cfg.latent_dim
+        """Standard normal numbers one image's latents are drawn from, all levels (with a
+        mixture prior, the last one picks the top z's component when sampling)."""
+        return self.cfg.latent_dim + self.prior_picks
+
+    @property
+    def prior_picks(self) -> int:
+        """1 where the top prior is a mixture (a number to pick its component), else 0."""
+        return 0 if self.top_prior is None else 1
+
+    @property
+    def top_groups(self) -> int:
+        """The top level's KL groups: one per dimension, or one in all under a mixture prior
+        (whose KL does not split by dimension)."""
+        return self.cfg.latent_dim if self.top_prior is None else 1
 
     def bottom_up(self, x: torch.Tensor) -> tuple:
         """What the inference path computes from x once, however many z are drawn from it."""
@@ -189,17 +205,30 @@ class ConvVAE(nn.Module):
         """z of the top level, (samples, B, latent_dim), from fresh noise or the given numbers."""
         if noise is None:
             return self.reparameterize(mu, logvar, samples)
+        noise = noise[..., : mu.shape[-1]]  # a mixture's pick is for sampling only
         return mu + noise.reshape(samples, *mu.shape).to(mu) * torch.exp(0.5 * logvar)
 
-    @staticmethod
     def top_terms(
-        z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+        self, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The top level's KL per dimension (S, B, D), log p(z) and log q(z|x) (S, B)."""
+        """The top level's KL per group (S, B, top_groups), log p(z) and log q(z|x) (S, B)."""
         z, mu, logvar = z.float(), mu.float(), logvar.float()
+        log_q = log_normal(z, mu, logvar)
+        if self.top_prior is not None:
+            log_p = self.top_prior.log_prob(z)
+            return (log_q - log_p).unsqueeze(-1), log_p, log_q
         kl_groups = standard_normal_kl(mu, logvar).expand(len(z), *mu.shape)
         zero = torch.zeros_like(mu)
-        return kl_groups, log_normal(z, zero, zero), log_normal(z, mu, logvar)
+        return kl_groups, log_normal(z, zero, zero), log_q
+
+    def top_z(self, noise: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The top z that generate draws from standard normal noise (B, noise_size): z =
+        temperature * noise under N(0, I); under a mixture, a component picked by the noise's
+        last number and z drawn within it at that temperature."""
+        eps = noise[:, : self.cfg.latent_dim]
+        if self.top_prior is None:
+            return eps * temperature
+        return self.top_prior.draw(eps, noise[:, -1], temperature)
 
     def forward(self, x: torch.Tensor, samples: int = 1) -> Pass:
         """Stochastic pass with `samples` draws of z per image (see Pass)."""
@@ -211,10 +240,10 @@ class ConvVAE(nn.Module):
         return MeanPass(self.decode(mu), [mu], [mu])
 
     def generate(self, noise: torch.Tensor, temperature: float | list[float] = 1.0) -> torch.Tensor:
-        """Decoder output for new images from standard normal noise (B, noise_size): z =
-        temperature * noise."""
+        """Decoder output for new images from standard normal noise (B, noise_size), through
+        top_z."""
         (t,) = temperatures(temperature, 1)
-        return self.decode(noise * t)
+        return self.decode(self.top_z(noise, t))
 
     def mean_image(self, out: torch.Tensor) -> torch.Tensor:
         """Decoder output -> expected image E[x|z] in [0, 1]."""

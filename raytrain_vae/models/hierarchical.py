@@ -125,7 +125,8 @@ class HierarchicalVAE(ConvVAE):
 
     @property
     def noise_size(self) -> int:
-        return self.cfg.latent_dim + sum(c * h * w for c, h, w in self.level_shapes)
+        levels = sum(c * h * w for c, h, w in self.level_shapes)
+        return self.cfg.latent_dim + levels + self.prior_picks
 
     def bottom_up(self, x: torch.Tensor) -> tuple:
         """(top mu, top logvar, the encoder's features at each resolution, finest first)."""
@@ -142,9 +143,10 @@ class HierarchicalVAE(ConvVAE):
         return features[len(features) - 1 - stage]
 
     def split_noise(self, noise: torch.Tensor) -> list[torch.Tensor]:
-        """(N, noise_size) -> the top's (N, latent_dim), then each level's (N, C, H, W)."""
+        """(N, noise_size) -> the top's (N, latent_dim), then each level's (N, C, H, W) (a
+        mixture prior's pick, last, is left out)."""
         sizes = [self.cfg.latent_dim, *(c * h * w for c, h, w in self.level_shapes)]
-        parts = noise.split(sizes, dim=1)
+        parts = noise[:, : sum(sizes)].split(sizes, dim=1)
         levels = zip(parts[1:], self.level_shapes, strict=True)
         return [parts[0], *(p.reshape(-1, *shape) for p, shape in levels)]
 
@@ -217,7 +219,7 @@ class HierarchicalVAE(ConvVAE):
             mu_p, logvar_p = level.prior_params(h)
             return mu_p + temps[i + 1] * parts[i + 1].to(mu_p) * torch.exp(0.5 * logvar_p)
 
-        return self.walk_levels(parts[0] * temps[0], draw)
+        return self.walk_levels(self.top_z(noise, temps[0]), draw)
 
 
 def standard_normal_like(t: torch.Tensor) -> torch.Tensor:
