@@ -31,6 +31,7 @@ from raytrain_vae.config import Config, load_config
 from raytrain_vae.data.idx import FILES
 from raytrain_vae.model_io import save_model_dir
 from raytrain_vae.models import VAE, build_model
+from raytrain_vae.objectives import reconstruction_nll
 
 # The smallest model the tests save and load: milliseconds to build and to run.
 TINY_MODEL = ["model.channels=[4,8]", "model.hidden_dim=8", "model.latent_dim=2"]
@@ -56,6 +57,20 @@ def write_model_dir(
     model = build_model(cfg.model, image_shape)
     save_model_dir(model, cfg, folder, {"epoch": 1} if metrics is None else metrics)
     return model
+
+
+def negative_elbo_steps(model: VAE, x: torch.Tensor, steps: int, lr: float = 3e-3) -> list[float]:
+    """Train `model` on the one batch `x` by Adam on the mean negative ELBO: each step's loss."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        p = model(x)
+        loss = (reconstruction_nll(model, p.out, x) + p.kl[0]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
 
 
 def grid_pixels(path: Path, grid_width: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import negative_elbo_steps, tiny_config
 from torch import distributions as D
 
 from raytrain_vae.batch_actors import Sampler
@@ -148,15 +148,7 @@ def test_training_fits_the_prior_and_lowers_the_loss():
     model = make_model("model.prior_components=8").train()
     x = images(n=64, seed=3)
     start = model.top_prior.means.detach().clone()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(60):
-        p = model(x)
-        loss = (reconstruction_nll(model, p.out, x) + p.kl[0]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = negative_elbo_steps(model, x, 60)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 5
     assert not torch.allclose(model.top_prior.means, start)
 
