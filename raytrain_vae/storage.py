@@ -110,6 +110,14 @@ def read_bytes(path: str) -> bytes:
             raise UserError(_not_found(filesystem, inner, path)) from None
 
 
+def path_exists(path: str) -> bool:
+    """Whether a file or folder exists at `path` (local or URI), without listing it. Raises
+    UserError when it cannot be asked."""
+    filesystem, inner, endpoint = _resolve(path)
+    with _user_errors(path, endpoint):
+        return filesystem.get_file_info(inner).type != pafs.FileType.NotFound
+
+
 def file_names_under(path: str) -> list[str] | None:
     """The names, relative to the folder `path` (local or URI), of every file below it, sorted;
     None where nothing exists at `path`. Raises UserError when it cannot be read."""

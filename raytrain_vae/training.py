@@ -32,7 +32,7 @@ from raytrain_vae.ingest import STREAM_SPARE_CPUS, ShardedValidation, stream_dat
 from raytrain_vae.model_io import METRICS_FILE, STATE_FILE
 from raytrain_vae.models.sizing import check_trainable, machine_memory_bytes
 from raytrain_vae.runtime import check_writable, init_ray, require_resources
-from raytrain_vae.storage import delete_folder, file_names_under, ray_storage
+from raytrain_vae.storage import delete_folder, file_names_under, path_exists, ray_storage
 from raytrain_vae.tracking import check_tracking, run_tags, tracking_spec
 from raytrain_vae.worker import train_loop_per_worker
 
@@ -205,7 +205,7 @@ def fit(cfg: Config) -> Result:
     init_ray()
     require_worker_resources(cfg)
     folder = cfg.run_folder()
-    new_run = file_names_under(folder) is None
+    new_run = not path_exists(folder)
     try:
         return build_trainer(cfg, tracking=run_tracking(cfg)).fit()
     except ray.train.TrainingFailedError as exc:

@@ -17,6 +17,7 @@ from raytrain_vae.storage import (
     file_names_under,
     filesystem_for,
     list_files,
+    path_exists,
     read_bytes,
     storage_filesystem,
 )
@@ -238,7 +239,8 @@ def test_local_paths(tmp_path: Path, monkeypatch):
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_file_names_under_and_delete_folder(where, tmp_path: Path, request):
     """Every file below a folder (hidden ones too, relative names), None for nothing there;
-    delete_folder removes the folder and all below it, leaving its neighbour."""
+    path_exists says so without listing; delete_folder removes the folder and all below it,
+    leaving its neighbour."""
     if where == "s3":
         server = request.getfixturevalue("s3_server")
         root = server.url("tree")
@@ -250,8 +252,11 @@ def test_file_names_under_and_delete_folder(where, tmp_path: Path, request):
     assert file_names_under(f"{root}/run") == sorted(TREE)
     assert file_names_under(f"{root}/run/") == sorted(TREE)
     assert file_names_under(f"{root}/nothing") is None
+    assert path_exists(f"{root}/run") and path_exists(f"{root}/run/{next(iter(TREE))}")
+    assert not path_exists(f"{root}/nothing")
     delete_folder(f"{root}/run")
     assert file_names_under(f"{root}/run") is None
+    assert not path_exists(f"{root}/run") and path_exists(f"{root}/neighbour")
     assert file_names_under(f"{root}/neighbour") == ["kept.txt"]
 
 
