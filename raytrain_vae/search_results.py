@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from raytrain_vae.config import Config, ConfigError
+from raytrain_vae.config import Config, ConfigError, child_path
 from raytrain_vae.search_space import Param
 from raytrain_vae.storage import filesystem_for
 
@@ -125,7 +125,7 @@ def write_table(table: pd.DataFrame, folder: str, stem: str) -> list[str]:
                 out.write(table.to_csv(index=False).encode())
             else:
                 table.to_parquet(out, index=False)
-        written.append(f"{folder}/{stem}.{ext}")
+        written.append(child_path(folder, f"{stem}.{ext}"))
     return written
 
 

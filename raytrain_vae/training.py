@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from raytrain_vae.checkpoint import check_resumable, read_state
 from raytrain_vae.cli import JSON_HELP, config_parser, print_json, run_cli, stdout_to_stderr
-from raytrain_vae.config import Config, ConfigError, UserError, load_config
+from raytrain_vae.config import Config, ConfigError, UserError, child_path, load_config
 from raytrain_vae.data import (
     check_split_fits,
     decoded_bytes,
@@ -235,7 +235,7 @@ def run_tracking(cfg: Config) -> dict | None:
         return None
     folder = cfg.run_folder()
     tags = run_tags(ray.get_runtime_context().gcs_address)
-    return tracking_spec(cfg, folder, tags, f"{folder}/tensorboard", mlflow=True)
+    return tracking_spec(cfg, folder, tags, child_path(folder, "tensorboard"), mlflow=True)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

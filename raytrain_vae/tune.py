@@ -15,7 +15,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from raytrain_vae.cli import JSON_HELP, config_parser, print_json, run_cli, stdout_to_stderr
-from raytrain_vae.config import Config, ConfigError, is_uri, load_config, shown_uri
+from raytrain_vae.config import Config, ConfigError, child_path, is_uri, load_config, shown_uri
 from raytrain_vae.export import EXPORT_KIND, export_model
 from raytrain_vae.live_view import TrialTable
 from raytrain_vae.outputs import check_output_dir
@@ -151,11 +151,14 @@ def make_tuner(cfg: Config, params: list[Param], callbacks: list | None = None) 
 
 def export_best(cfg: Config, best: pd.Series) -> Path:
     """Copy the best trial's best checkpoint (local or remote storage) into export.dir."""
-    path = str(best["best_checkpoint"])
-    # Under a filesystem we built (storage.ray_storage), Ray reports paths inside it.
-    _, filesystem = ray_storage(cfg.resolved_storage_path())
+    path, storage = str(best["best_checkpoint"]), cfg.resolved_storage_path()
+    filesystem = None
     if is_uri(path):
         filesystem, path = filesystem_for(path)
+    elif is_uri(storage):
+        # Ray reports paths inside the storage's filesystem, without its scheme or query,
+        # whether it built that filesystem from the URI or was given ours.
+        filesystem = filesystem_for(storage)[0]
     extra = {"trial_id": best["trial_id"], "experiment": cfg.run_folder()}
     with Checkpoint(path, filesystem=filesystem).as_directory() as folder:
         return export_model(folder, cfg.resolved_export_dir(), extra)
@@ -270,7 +273,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         table, export = search(cfg, resume=args.resume)
     if args.json:
         path = cfg.run_folder()
-        print_json(search_summary(cfg, table, export, path, f"{path}/{SUMMARY_FILE}.csv"))
+        summary = child_path(path, f"{SUMMARY_FILE}.csv")
+        print_json(search_summary(cfg, table, export, path, summary))
     return 0
 
 

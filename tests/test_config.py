@@ -19,6 +19,7 @@ from raytrain_vae.config import (
     TrackingSection,
     TrainSection,
     UserError,
+    child_path,
     dump_config,
     load_config,
 )
@@ -311,6 +312,27 @@ def test_dump_round_trips_non_defaults(tmp_path):
     assert back == cfg
     assert back.run.name == "on"
     assert back.train.lr == 3e-5
+
+
+@pytest.mark.parametrize(
+    ("storage", "folder"),
+    [
+        ("/data/runs", "/data/runs/r1"),
+        ("/data/runs/", "/data/runs/r1"),
+        ("/", "/r1"),
+        ("s3://bucket", "s3://bucket/r1"),
+        ("s3://bucket/runs/", "s3://bucket/runs/r1"),
+        # The endpoint in the query stays the query's: the run's name goes into the path.
+        (
+            "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http",
+            "s3://bucket/runs/r1?endpoint_override=127.0.0.1:9000&scheme=http",
+        ),
+    ],
+)
+def test_the_run_folder_is_the_storage_path_and_the_run_name(storage, folder):
+    cfg = load_config(None, [f"run.storage_path={storage}", "run.name=r1"])
+    assert cfg.run_folder() == folder
+    assert child_path(folder, "tensorboard", "x") == folder.replace("/r1", "/r1/tensorboard/x")
 
 
 def test_unwritable_storage_path_fails_before_ray_starts(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from conftest import S3Server, free_port
 
 from raytrain_vae import storage
-from raytrain_vae.config import UserError
+from raytrain_vae.config import UserError, child_path, load_config
 from raytrain_vae.storage import (
     delete_folder,
     file_names_under,
@@ -101,6 +101,21 @@ def test_explicit_endpoint_override_in_the_uri(s3_server: S3Server, monkeypatch)
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     assert read_bytes(list_files(folder, IMAGES)[0]) == b"explicit"
     assert storage_filesystem(folder) is None
+
+
+def test_a_run_folder_under_a_storage_path_with_its_endpoint_in_the_query(s3_server: S3Server):
+    """The run folder's checks (new or resumed, empty or not, deleted) reach the server that
+    the storage path's query names: the run's name goes into the path, not the query."""
+    host = s3_server.endpoint.split("://", 1)[1]
+    storage = f"s3://{s3_server.bucket}/runs?endpoint_override={host}&scheme=http"
+    folder = load_config(None, [f"run.storage_path={storage}", "run.name=r1"]).run_folder()
+    assert not path_exists(folder) and file_names_under(folder) is None
+    write(child_path(folder, "sub", "x.txt"), b"x")
+    with s3_server.filesystem().open_input_stream(f"{s3_server.bucket}/runs/r1/sub/x.txt") as f:
+        assert f.read() == b"x"
+    assert path_exists(folder) and file_names_under(folder) == ["sub/x.txt"]
+    delete_folder(folder)
+    assert not path_exists(folder)
 
 
 def test_s3_endpoint_variable_wins_over_the_general_one(s3_server: S3Server, monkeypatch):

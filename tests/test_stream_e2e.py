@@ -188,6 +188,38 @@ def test_a_truncated_image_met_mid_epoch_is_one_line_and_exit_2(tmp_path, ingest
     assert not (tmp_path / "runs" / "vae").exists(), list((tmp_path / "runs" / "vae").iterdir())
 
 
+def test_a_run_stored_under_an_s3_uri_with_its_endpoint_in_the_query(
+    s3_server, tmp_path, monkeypatch
+):
+    """run.storage_path=s3://bucket/runs?endpoint_override=HOST&scheme=http, no endpoint
+    variable: the run's checkpoints land in runs/<name> (not in the query), and the same command
+    again finds them there and resumes."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    host = s3_server.endpoint.split("://", 1)[1]
+    query = f"endpoint_override={host}&scheme=http"
+    storage = f"{s3_server.url('qruns')}?{query}"
+    folder = write_folder(tmp_path / "imgs", 60)
+    train = [
+        "train", "configs/vae.yaml", "data.source=image_folder", f"data.path={folder}",
+        "scaling.num_workers=1", *TINY, f"run.storage_path={storage}", "run.name=q",
+    ]  # fmt: skip
+    first = run_cli(*train, "train.epochs=1", cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert list_files(f"{s3_server.url('qruns/q')}?{query}", (".safetensors",))
+    again = run_cli(*train, "train.epochs=2", cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert "resumed from" in log and "after epoch 1" in log and "epoch 2/2" in log, log[-3000:]
+    search = run_cli(
+        "tune", "configs/quickstart.yaml", *train[2:-1], "run.name=qsearch", "train.epochs=1",
+        "search.num_samples=1", "search.space={train.lr: {choice: [0.001, 0.002]}}",
+        f"export.dir={tmp_path / 'export'}", cwd=REPO,
+    )  # fmt: skip
+    assert search.returncode == 0, search.stderr[-3000:]
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert list_files(f"{s3_server.url('qruns/qsearch')}?{query}", (".csv",))
+
+
 def write_parquet_dataset(fs, root: str, n: int) -> None:
     """n grey 16x16 PNGs with labels, over two files of several row groups each."""
     rng = np.random.default_rng(1)

@@ -10,6 +10,7 @@ from raytrain_vae.config.base import (
     ConfigError,
     Section,
     UserError,
+    child_path,
     is_uri,
     stream_seed,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "config_keys",
     "dump_config",
     "is_config_key",
+    "child_path",
     "is_uri",
     "load_config",
     "parse_override",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import reprlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict
 
@@ -46,6 +47,15 @@ class Section(BaseModel):
 def is_uri(path: str) -> bool:
     """Whether a storage path is a URI for pyarrow (s3://, gs://, file://) rather than local."""
     return "://" in path
+
+
+def child_path(base: str, *names: str) -> str:
+    """`base/names...`, local or URI. A URI's query (`?endpoint_override=host`) stays at its end:
+    the names go into its path."""
+    if not is_uri(base):
+        return base.rstrip("/") + "/" + "/".join(names)
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path="/".join([parts.path.rstrip("/"), *names])))
 
 
 def local_or_uri_path(value: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from raytrain_vae.config.base import ConfigError, Section, clip, is_uri, short
+from raytrain_vae.config.base import ConfigError, Section, child_path, clip, is_uri, short
 from raytrain_vae.config.data_section import DataSection
 from raytrain_vae.config.search import ExportSection, SearchSection
 from raytrain_vae.config.sections import (
@@ -67,7 +67,7 @@ class Config(Section):
     def run_folder(self) -> str:
         """<storage_path>/<run.name>: where Ray Train keeps a training run (its checkpoints, and
         our TensorBoard events), or Ray Tune a search."""
-        return f"{self.resolved_storage_path().rstrip('/')}/{self.run.name}"
+        return child_path(self.resolved_storage_path(), self.run.name)
 
     def resolved_export_dir(self) -> Path:
         """export.dir, or <storage_path>/<run.name>/export for local storage."""
