@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from raytrain_vae.input_rows import InputPlan, InputUnit, fixed_size_list, read_input_unit
-from raytrain_vae.model_io import load_model_dir
+from raytrain_vae.model_io import load_model_dir, model_dir_from_files
 from raytrain_vae.models import VAE
 from raytrain_vae.objectives import reconstruction_nll
 from raytrain_vae.perf.heap import retain_freed_memory
@@ -74,12 +74,15 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def load_actor_model(model_dir: str) -> tuple[VAE, str]:
-    """(model, device) for one actor: the GPU when the actor has one; on the CPU the actor's heap
-    keeps freed activations when the model's config says so (each batch page-faulted its
-    decoder's activations in afresh: 63-74k faults per batch of 1024)."""
+def load_actor_model(files: dict[str, bytes]) -> tuple[VAE, str]:
+    """(model, device) for one actor, from the model directory's files (model_io.model_files):
+    the actor may run on a node that cannot see the driver's disk. The GPU when the actor has
+    one; on the CPU the actor's heap keeps freed activations when the model's config says so
+    (each batch page-faulted its decoder's activations in afresh: 63-74k faults per batch of
+    1024)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg = load_model_dir(model_dir, device)
+    with model_dir_from_files(files, "--model") as folder:
+        model, cfg = load_model_dir(folder, device)
     if device == "cpu" and cfg.scaling.retain_freed_memory:
         retain_freed_memory()
     return model, device
@@ -92,8 +95,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 class Sampler:
     """Ray Data actor: loads the model once, turns a batch of row ids into sample rows."""
 
-    def __init__(self, model_dir: str, seed: int, temperature: float, pixels: bool) -> None:
-        self.model, self.device = load_actor_model(model_dir)
+    def __init__(
+        self, model: dict[str, bytes], seed: int, temperature: float, pixels: bool
+    ) -> None:
+        self.model, self.device = load_actor_model(model)
         self.seed, self.temperature, self.pixels = seed, temperature, pixels
 
     @torch.no_grad()
@@ -121,9 +126,9 @@ class Encoder:
     latent_logvar are the top level's."""
 
     def __init__(
-        self, model_dir: str, seed: int, reconstruct: bool, all_levels: bool = False
+        self, model: dict[str, bytes], seed: int, reconstruct: bool, all_levels: bool = False
     ) -> None:
-        self.model, self.device = load_actor_model(model_dir)
+        self.model, self.device = load_actor_model(model)
         self.seed, self.reconstruct, self.all_levels = seed, reconstruct, all_levels
 
     @torch.no_grad()

@@ -89,6 +89,9 @@ class Progress:
 
 
 JSON_HELP = "print the results as JSON on stdout; every other line goes to stderr"
+MODEL_HELP = (
+    "model directory (an export or a training checkpoint): a local path or a URI (s3://, gs://)"
+)
 
 
 @contextlib.contextmanager

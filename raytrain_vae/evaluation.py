@@ -12,7 +12,15 @@ from typing import Any
 
 import torch
 
-from raytrain_vae.cli import JSON_HELP, HelpFormatter, Progress, check_flag, print_json, run_cli
+from raytrain_vae.cli import (
+    JSON_HELP,
+    MODEL_HELP,
+    HelpFormatter,
+    Progress,
+    check_flag,
+    print_json,
+    run_cli,
+)
 from raytrain_vae.config import SEED_LIMIT, UserError
 from raytrain_vae.data import split_images, to_model_input
 from raytrain_vae.diagnostics import UnitActivity, latent_diagnostics
@@ -139,7 +147,8 @@ def evaluate_export(
 EXAMPLES = """examples:
   raytrain-vae evaluate --model exports/quickstart --k 100 --limit 1000
   raytrain-vae evaluate --model exports/quickstart --output metrics.json
-  raytrain-vae evaluate --model exports/quickstart --json | jq .iwae_nll"""
+  raytrain-vae evaluate --model exports/quickstart --json | jq .iwae_nll
+  raytrain-vae evaluate --model s3://bucket/runs/vae/checkpoint_2026-12-03_21-42-38.808723"""
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         epilog=EXAMPLES,
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="exported model directory")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument(
         "--split", choices=["test", "val"], default="test", help="the model's data split"
     )

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import ray
 
 from raytrain_vae.batch_actors import Encoder, Sampler, input_dataset, job_context, split_dataset
-from raytrain_vae.cli import HelpFormatter, check_flag, run_cli
+from raytrain_vae.cli import MODEL_HELP, HelpFormatter, check_flag, run_cli
 from raytrain_vae.config import SEED_LIMIT, UserError
 from raytrain_vae.input_rows import read_input_unit
 from raytrain_vae.inputs import input_units, read_inputs
-from raytrain_vae.model_io import load_model_dir
+from raytrain_vae.model_io import load_model_dir, model_files
 from raytrain_vae.models.sizing import check_fits_memory, training_memory_bytes
 from raytrain_vae.outputs import check_output_dir, staged_dir
 from raytrain_vae.runtime import describe, init_ray, require_resources
@@ -133,7 +133,7 @@ def sample(
     out = _check_job(output, options, seed)
     check_model_fits(model_dir, options)  # a missing or corrupt model fails before any actor
     kwargs = {
-        "model_dir": str(Path(model_dir).resolve()),
+        "model": model_files(model_dir),
         "seed": seed,
         "temperature": temperature,
         "pixels": pixels,
@@ -162,7 +162,7 @@ def encode_images(
     out = _check_job(output, options, seed)
     check_model_fits(model_dir, options)
     kwargs = {
-        "model_dir": str(Path(model_dir).resolve()),
+        "model": model_files(model_dir),
         "seed": seed,
         "reconstruct": reconstruct,
         "all_levels": all_levels,
@@ -185,7 +185,7 @@ EXAMPLES = """examples:
 
 
 def _job_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="exported model directory")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--output", required=True, help="output directory of Parquet shards")
     parser.add_argument(
         "--seed", type=int, default=0, help="the same seed gives the same rows, at any scale"

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import torch
 
-from raytrain_vae.cli import HelpFormatter, Progress, check_flag, run_cli
-from raytrain_vae.config import SEED_LIMIT
+from raytrain_vae.cli import MODEL_HELP, HelpFormatter, Progress, check_flag, run_cli
+from raytrain_vae.config import SEED_LIMIT, UserError, child_path
 from raytrain_vae.data import split_images, to_model_input
 from raytrain_vae.model_io import METRICS_FILE, load_model_dir
 from raytrain_vae.models import VAE
 from raytrain_vae.outputs import check_output_dir, staged_dir
 from raytrain_vae.pictures import grid, input_label, picture_title, sample_images, titled
 from raytrain_vae.pictures import reconstruction_grid as draw_reconstructions
+from raytrain_vae.storage import read_bytes
 
 OUTPUT_KIND = "images"
 MAX_GRID = 10_000  # images in one PNG grid
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         epilog=EXAMPLES,
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="exported model directory")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument(
         "--output",
         required=True,
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     check_flag("--seed", args.seed, 0, SEED_LIMIT - 1)
     out = check_output_dir(args.output, "--output", OUTPUT_KIND)
     model, cfg = load_model_dir(args.model)
-    metrics = read_metrics(Path(args.model))
+    metrics = read_metrics(args.model)
     test = to_model_input(split_images(cfg.data, "test", 32)[0], False)
     written = {
         "samples.png": lambda p: sample_grid(
@@ -116,10 +117,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             picture_title(cfg, metrics, "test reconstructions"),
             input_label(cfg),
         ),
-        "interpolations.png": lambda p: interpolation_grid(
-            model, [(test[i], test[i + 1]) for i in range(0, 16, 2)], p
-        ),
     }
+    # Up to 8 pairs of consecutive test images (a small test split gives fewer).
+    pairs = [(test[i], test[i + 1]) for i in range(0, min(len(test), 16) - 1, 2)]
+    if pairs:
+        written["interpolations.png"] = lambda p: interpolation_grid(model, pairs, p)
     if cfg.model.latent_dim == 2:
         written["latent_map.png"] = lambda p: latent_map(model, p)
     progress = Progress("images", len(written), "pictures drawn", every_s=0.0)
@@ -132,11 +134,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-def read_metrics(model_dir: Path) -> dict:
-    """The model directory's metrics.json (the epoch it was saved at), or nothing."""
+def read_metrics(model_dir: str) -> dict:
+    """The model directory's metrics.json (the epoch it was saved at), or nothing; local or at
+    a URI."""
     try:
-        return json.loads((model_dir / METRICS_FILE).read_text())
-    except (OSError, ValueError):
+        return json.loads(read_bytes(child_path(model_dir, METRICS_FILE)))
+    except (UserError, ValueError):
         return {}
 
 

@@ -1,7 +1,7 @@
 """Model files at the bottom of the stack: checksummed safetensors weights and model directories.
 
 A model directory (an export, or a training checkpoint) holds the weights and the resolved
-config.yaml, and loads without unpickling anything."""
+config.yaml, and loads without unpickling anything, from a local path or a URI (s3://, gs://)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import hashlib
 import json
 import re
 import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from raytrain_vae.config import Config, UserError, dump_config, read_yaml_mapping, validate_config
+from raytrain_vae.config import (
+    Config,
+    UserError,
+    child_path,
+    dump_config,
+    is_uri,
+    read_yaml_mapping,
+    validate_config,
+)
 from raytrain_vae.models import VAE, build_model
 from raytrain_vae.models.sizing import check_fits_memory, training_memory_bytes
+from raytrain_vae.storage import file_names_under, read_bytes
 
 # The files of a model directory, and of a training checkpoint (which adds the last three).
 MODEL_FILE = "model.safetensors"
@@ -42,10 +54,14 @@ class ModelFileError(UserError):
 
 
 def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") -> tuple[VAE, Config]:
-    """(model in eval mode, its resolved Config) from an export or a training checkpoint dir:
-    weights checked against their checksum, the architecture from config.yaml, no pickle."""
+    """(model in eval mode, its resolved Config) from an export or a training checkpoint dir,
+    local or at a URI: weights checked against their checksum, the architecture from
+    config.yaml, no pickle."""
     if "\0" in str(directory):
         raise ModelFileError("model directory: a path cannot contain a NUL byte")
+    if is_uri(str(directory)):
+        with model_dir_from_files(model_files(str(directory)), str(directory)) as local:
+            return load_model_dir(local, device)
     directory = Path(directory)
     weights = directory / MODEL_FILE
     if not directory.is_dir():
@@ -197,3 +213,49 @@ def save_model_dir(model: VAE, cfg: Config, folder: Path, metrics: dict[str, Any
     save_weights(model, folder / MODEL_FILE)
     (folder / CONFIG_FILE).write_text(dump_config(cfg))
     (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+
+
+# The files a model directory needs to load (the first two) or describe itself (the last).
+MODEL_DIR_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_FILE)
+
+
+def model_files(location: str | Path) -> dict[str, bytes]:
+    """The model directory's weights, config and (when present) metrics, read from a local path
+    or a URI: what a Ray actor on any node needs to load the model (the optimizer state and
+    history of a training checkpoint are left). Raises ModelFileError naming the location."""
+    location = str(location)
+    if not is_uri(location):
+        folder = Path(location)
+        if not folder.is_dir() or not all((folder / n).is_file() for n in MODEL_DIR_FILES[:2]):
+            load_model_dir(folder)  # raises the local loader's error line
+        return {n: (folder / n).read_bytes() for n in MODEL_DIR_FILES if (folder / n).is_file()}
+    names = file_names_under(location)
+    if names is None:
+        raise ModelFileError(f"{location}: no such model directory")
+    if not set(MODEL_DIR_FILES[:2]) <= set(names):
+        raise ModelFileError(f"{location}: {_remote_not_a_model_reason(location, names)}")
+    return {n: read_bytes(child_path(location, n)) for n in MODEL_DIR_FILES if n in names}
+
+
+def _remote_not_a_model_reason(location: str, names: list[str]) -> str:
+    """not_a_model_reason for a folder at a URI, from the names of the files below it."""
+    runs = sorted(
+        {n.split("/")[0] for n in names if re.fullmatch(rf"checkpoint_[^/]+/{MODEL_FILE}", n)}
+    )
+    if runs:
+        newest = child_path(location, runs[-1])
+        return f"a training run's folder; pass one of its checkpoints (the newest: {newest})"
+    return f"not a model directory (needs {MODEL_FILE} and {CONFIG_FILE})"
+
+
+@contextmanager
+def model_dir_from_files(files: dict[str, bytes], shown_as: str) -> Iterator[Path]:
+    """A temporary local model directory holding `files` (model_files' result), removed after.
+    Errors raised inside name `shown_as` (where the files came from), not the temporary copy."""
+    with tempfile.TemporaryDirectory(prefix="raytrain_vae-model-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        try:
+            yield Path(tmp)
+        except UserError as exc:
+            raise type(exc)(str(exc).replace(tmp, shown_as.rstrip("/"))) from None

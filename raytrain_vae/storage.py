@@ -69,6 +69,18 @@ def ray_storage(path: str) -> tuple[str, pafs.FileSystem | None]:
     return (path, None) if filesystem is None else (filesystem_for(path)[1], filesystem)
 
 
+def reported_location(storage_path: str, reported: str) -> str:
+    """A path Ray reported for something under `storage_path` (a checkpoint), in the form a user
+    can pass back: Ray reports paths inside the storage's filesystem, without the URI's scheme
+    or query (`bucket/runs/r/checkpoint_x` for `s3://bucket/runs?endpoint_override=h`), so
+    under URI storage they become URIs again (`s3://bucket/runs/r/checkpoint_x?endpoint_...`)."""
+    if not is_uri(storage_path) or is_uri(reported):
+        return reported
+    parts = urlsplit(storage_path)
+    inner = reported if parts.scheme.lower() == "file" else reported.lstrip("/")
+    return f"{parts.scheme}://{inner}" + (f"?{parts.query}" if parts.query else "")
+
+
 def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     """Every file under the folder `path` (recursively), or `path` itself when it is a file, whose
     name ends with one of `suffixes` (case-insensitive), sorted. Names in the form of `path`: a

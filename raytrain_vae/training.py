@@ -32,7 +32,13 @@ from raytrain_vae.ingest import STREAM_SPARE_CPUS, ShardedValidation, stream_dat
 from raytrain_vae.model_io import METRICS_FILE, STATE_FILE
 from raytrain_vae.models.sizing import check_trainable, machine_memory_bytes
 from raytrain_vae.runtime import check_writable, init_ray, require_resources
-from raytrain_vae.storage import delete_folder, file_names_under, path_exists, ray_storage
+from raytrain_vae.storage import (
+    delete_folder,
+    file_names_under,
+    path_exists,
+    ray_storage,
+    reported_location,
+)
 from raytrain_vae.tracking import check_tracking, run_tags, tracking_spec
 from raytrain_vae.worker import train_loop_per_worker
 
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if result.checkpoint is None:
         print(f"run {cfg.run.name!r} reported no checkpoint", file=sys.stderr)
         return 1
-    final = result.checkpoint.path
+    final = reported_location(cfg.resolved_storage_path(), result.checkpoint.path)
     print(f"final checkpoint: {final}", file=sys.stderr if args.json else None)
     print(
         f"metrics: {final}/{METRICS_FILE} (per-epoch history in {final}/{STATE_FILE})",

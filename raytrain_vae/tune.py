@@ -31,7 +31,7 @@ from raytrain_vae.search_results import (
 )
 from raytrain_vae.search_space import Param, parse_space, trial_configs
 from raytrain_vae.search_tracking import SearchTracker
-from raytrain_vae.storage import filesystem_for, ray_storage
+from raytrain_vae.storage import filesystem_for, ray_storage, reported_location
 from raytrain_vae.tracking import run_tags
 from raytrain_vae.training import (
     preflight,
@@ -151,14 +151,10 @@ def make_tuner(cfg: Config, params: list[Param], callbacks: list | None = None) 
 
 def export_best(cfg: Config, best: pd.Series) -> Path:
     """Copy the best trial's best checkpoint (local or remote storage) into export.dir."""
-    path, storage = str(best["best_checkpoint"]), cfg.resolved_storage_path()
+    path = reported_location(cfg.resolved_storage_path(), str(best["best_checkpoint"]))
     filesystem = None
     if is_uri(path):
         filesystem, path = filesystem_for(path)
-    elif is_uri(storage):
-        # Ray reports paths inside the storage's filesystem, without its scheme or query,
-        # whether it built that filesystem from the URI or was given ours.
-        filesystem = filesystem_for(storage)[0]
     extra = {"trial_id": best["trial_id"], "experiment": cfg.run_folder()}
     with Checkpoint(path, filesystem=filesystem).as_directory() as folder:
         return export_model(folder, cfg.resolved_export_dir(), extra)

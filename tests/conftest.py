@@ -27,8 +27,9 @@ import ray
 import torch
 
 import raytrain_vae.data.idx as idx_source
-from raytrain_vae.config import Config, load_config
+from raytrain_vae.config import Config, DataSection, ModelSection, load_config
 from raytrain_vae.data.idx import FILES
+from raytrain_vae.export import export_model
 from raytrain_vae.model_io import save_model_dir
 from raytrain_vae.models import VAE, build_model
 from raytrain_vae.objectives import reconstruction_nll
@@ -57,6 +58,20 @@ def write_model_dir(
     model = build_model(cfg.model, image_shape)
     save_model_dir(model, cfg, folder, {"epoch": 1} if metrics is None else metrics)
     return model
+
+
+@pytest.fixture
+def exported(tmp_path) -> Path:
+    """A tiny exported model (tmp/export) whose config reads 28x28 MNIST-style IDX files written
+    in tmp/data; its checkpoint is tmp/ckpt."""
+    root = tmp_path / "data"
+    make_idx_dataset(seed=3, n_train=24, n_test=12, height=28, width=28).write(root, gz=False)
+    cfg = Config(
+        data=DataSection(source="mnist", root=str(root), download=False, binarize="static"),
+        model=ModelSection(channels=[8, 16], latent_dim=4, hidden_dim=32),
+    )
+    write_model_dir(tmp_path / "ckpt", cfg, (1, 28, 28), metrics={"epoch": 1})
+    return export_model(tmp_path / "ckpt", tmp_path / "export")
 
 
 def negative_elbo_steps(model: VAE, x: torch.Tensor, steps: int, lr: float = 3e-3) -> list[float]:

@@ -12,21 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_idx_dataset, write_model_dir
 from torch.distributions import Bernoulli, Normal
 
 import raytrain_vae.evaluation as evaluate_mod
 from raytrain_vae.cli import Progress, run_cli
 from raytrain_vae.config import (
-    Config,
-    DataSection,
     ModelSection,
     UserError,
     load_config,
 )
 from raytrain_vae.data import load_splits
 from raytrain_vae.evaluation import evaluate
-from raytrain_vae.export import export_model, load_model
+from raytrain_vae.export import load_model
 from raytrain_vae.model_io import load_model_dir
 from raytrain_vae.models.base import log_normal
 from raytrain_vae.models.conv import ConvVAE
@@ -314,19 +311,6 @@ def test_evaluate_k0_seed_and_batch_size(trained):
 
 
 # --- the command line ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def exported(tmp_path) -> Path:
-    """A tiny exported model whose config reads 28x28 MNIST-style IDX files written in tmp."""
-    root = tmp_path / "data"
-    make_idx_dataset(seed=3, n_train=24, n_test=12, height=28, width=28).write(root, gz=False)
-    cfg = Config(
-        data=DataSection(source="mnist", root=str(root), download=False, binarize="static"),
-        model=ModelSection(channels=[8, 16], latent_dim=4, hidden_dim=32),
-    )
-    write_model_dir(tmp_path / "ckpt", cfg, IMAGE_SHAPE, metrics={"epoch": 1})
-    return export_model(tmp_path / "ckpt", tmp_path / "export")
 
 
 def run_module(*args: str) -> subprocess.Popen:

@@ -23,6 +23,7 @@ from raytrain_vae.config import UserError, dump_config, load_config
 from raytrain_vae.export import load_model
 from raytrain_vae.generate import encode_images, main, sample
 from raytrain_vae.inputs import read_inputs
+from raytrain_vae.model_io import model_files
 
 REPO = Path(__file__).resolve().parents[1]
 LATENT = 3
@@ -42,7 +43,7 @@ def test_cpu_actors_retain_freed_memory_as_the_model_config_says(tmp_path, monke
     calls = []
     monkeypatch.setattr(batch_actors, "retain_freed_memory", lambda: calls.append(1) or True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    model, device = batch_actors.load_actor_model(str(tmp_path))
+    model, device = batch_actors.load_actor_model(model_files(tmp_path))
     assert device == "cpu" and not model.training
     assert calls == ([1] if retain == "true" else [])
 

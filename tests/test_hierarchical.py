@@ -18,7 +18,7 @@ from raytrain_vae.config import ConfigError, load_config
 from raytrain_vae.diagnostics import UnitActivity
 from raytrain_vae.evaluation import evaluate
 from raytrain_vae.input_rows import fixed_size_list
-from raytrain_vae.model_io import load_model_dir, save_model_dir
+from raytrain_vae.model_io import load_model_dir, model_files, save_model_dir
 from raytrain_vae.models import ConvVAE, HierarchicalVAE, build_model
 from raytrain_vae.models.hierarchical import level_terms, standard_normal_like
 from raytrain_vae.objectives import elbo_terms, iwae_nll
@@ -311,7 +311,7 @@ def test_a_two_worker_ddp_run_of_two_epochs_lowers_the_loss(ray_local, tmp_path)
 def test_the_batch_jobs_actors_sample_and_encode_every_level(exported_deep):
     """Ray Data's actors, called directly: a sample row depends on (seed, id) only, and encode
     gives the top level's latent plus, with all_levels, each lower level's posterior mean."""
-    sampler = Sampler(str(exported_deep), seed=3, temperature=1.0, pixels=True)
+    sampler = Sampler(model_files(exported_deep), seed=3, temperature=1.0, pixels=True)
     rows = sampler({"id": np.arange(5)})
     alone = sampler({"id": np.array([3])})
     assert rows.column("pixels")[3] == alone.column("pixels")[0]
@@ -323,7 +323,7 @@ def test_the_batch_jobs_actors_sample_and_encode_every_level(exported_deep):
         "id": pa.array(np.arange(4), pa.int64()),
         "pixels": fixed_size_list((x * 255).to(torch.uint8).flatten(1).numpy()),
     })  # fmt: skip
-    encoded = Encoder(str(exported_deep), seed=0, reconstruct=True, all_levels=True)(batch)
+    encoded = Encoder(model_files(exported_deep), seed=0, reconstruct=True, all_levels=True)(batch)
     assert encoded.column("latent_mu_l1_3x4x4").type.list_size == 48
     assert encoded.column("latent_mu_l2_2x8x8").type.list_size == 128
     model, _ = load_model_dir(exported_deep)
@@ -331,6 +331,6 @@ def test_the_batch_jobs_actors_sample_and_encode_every_level(exported_deep):
         means = model.mean_pass(x).means
     assert np.allclose(encoded.column("latent_mu_l2_2x8x8")[1].values.to_numpy(), means[2][1])
     assert np.allclose(encoded.column("latent_mu")[1].values.to_numpy(), means[0][1], atol=1e-6)
-    one = Encoder(str(exported_deep), seed=0, reconstruct=True)(batch.slice(2, 1))
+    one = Encoder(model_files(exported_deep), seed=0, reconstruct=True)(batch.slice(2, 1))
     assert one.column("neg_elbo")[0].as_py() == pytest.approx(encoded.column("neg_elbo")[2].as_py())
     assert "latent_mu_l1_3x4x4" not in one.column_names

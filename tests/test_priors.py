@@ -15,7 +15,7 @@ from torch import distributions as D
 from raytrain_vae.batch_actors import Sampler
 from raytrain_vae.config import load_config
 from raytrain_vae.evaluation import evaluate
-from raytrain_vae.model_io import load_model_dir, save_model_dir
+from raytrain_vae.model_io import load_model_dir, model_files, save_model_dir
 from raytrain_vae.models import build_model
 from raytrain_vae.models.priors import MixturePrior
 from raytrain_vae.objectives import elbo_terms, iwae_nll, reconstruction_nll
@@ -173,7 +173,8 @@ def test_export_round_trip_and_the_sampling_jobs_latent(tmp_path):
     g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
     torch.testing.assert_close(loaded.sample(3, generator=g()), model.sample(3, generator=g()))
 
-    rows = Sampler(str(tmp_path), seed=3, temperature=0.0, pixels=False)({"id": np.arange(6)})
+    sampler = Sampler(model_files(tmp_path), seed=3, temperature=0.0, pixels=False)
+    rows = sampler({"id": np.arange(6)})
     latents = np.stack([np.asarray(v) for v in rows.column("latent").to_pylist()])
     means = model.top_prior.means.detach().numpy()
     distances = np.abs(latents[:, None, :] - means[None]).max(axis=2)  # (rows, components)

@@ -22,6 +22,7 @@ from raytrain_vae.evaluation import evaluate
 from raytrain_vae.export import export_model
 from raytrain_vae.inputs import read_inputs
 from raytrain_vae.likelihoods import LIKELIHOODS
+from raytrain_vae.model_io import model_files
 
 RGB = [
     "data.channels=3",
@@ -44,7 +45,7 @@ def decoded(png: bytes) -> Image.Image:
 
 
 def test_samples_are_rgb_pngs_at_the_trained_size(rgb_model):
-    sampler = Sampler(str(rgb_model), seed=0, temperature=1.0, pixels=True)
+    sampler = Sampler(model_files(rgb_model), seed=0, temperature=1.0, pixels=True)
     table = sampler({"id": np.arange(5)})
     image = decoded(table.column("image")[0].as_py())
     assert image.mode == "RGB" and image.size == (40, 32)

@@ -19,6 +19,7 @@ from raytrain_vae.storage import (
     list_files,
     path_exists,
     read_bytes,
+    reported_location,
     storage_filesystem,
 )
 
@@ -116,6 +117,36 @@ def test_a_run_folder_under_a_storage_path_with_its_endpoint_in_the_query(s3_ser
     assert path_exists(folder) and file_names_under(folder) == ["sub/x.txt"]
     delete_folder(folder)
     assert not path_exists(folder)
+
+
+REPORTED = [
+    # (storage path, the path Ray reports for a checkpoint under it, what the user is shown)
+    ("/runs", "/runs/r/checkpoint_1", "/runs/r/checkpoint_1"),
+    ("s3://b/runs", "b/runs/r/checkpoint_1", "s3://b/runs/r/checkpoint_1"),
+    (
+        "s3://b/runs?endpoint_override=h:9&scheme=http",
+        "b/runs/r/checkpoint_1",
+        "s3://b/runs/r/checkpoint_1?endpoint_override=h:9&scheme=http",
+    ),
+    ("gs://b", "b/r/checkpoint_1", "gs://b/r/checkpoint_1"),
+    ("file:///data/runs", "/data/runs/r/checkpoint_1", "file:///data/runs/r/checkpoint_1"),
+    ("s3://b/runs", "s3://b/runs/r/checkpoint_1", "s3://b/runs/r/checkpoint_1"),
+]
+
+
+@pytest.mark.parametrize("storage, reported, shown", REPORTED)
+def test_a_checkpoint_ray_reports_is_shown_in_the_storage_paths_form(storage, reported, shown):
+    """Ray reports paths inside the storage's filesystem; under URI storage the user is given a
+    URI that the commands taking --model (and Ray) accept again."""
+    assert reported_location(storage, reported) == shown
+
+
+def test_a_reported_checkpoint_reaches_the_server_its_storage_names(s3_server: S3Server):
+    host = s3_server.endpoint.split("://", 1)[1]
+    storage = f"s3://{s3_server.bucket}/runs?endpoint_override={host}&scheme=http"
+    s3_server.put("runs/r/checkpoint_1/x.txt", b"x")
+    shown = reported_location(storage, f"{s3_server.bucket}/runs/r/checkpoint_1")
+    assert read_bytes(child_path(shown, "x.txt")) == b"x"
 
 
 def test_s3_endpoint_variable_wins_over_the_general_one(s3_server: S3Server, monkeypatch):

@@ -5,6 +5,8 @@ trains, and S3 carries the data, the checkpoints, a search's trials and a recons
 from __future__ import annotations
 
 import io
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -210,6 +212,13 @@ def test_a_run_stored_under_an_s3_uri_with_its_endpoint_in_the_query(
     assert again.returncode == 0, again.stderr[-3000:]
     log = again.stdout + again.stderr
     assert "resumed from" in log and "after epoch 1" in log and "epoch 2/2" in log, log[-3000:]
+    # The final checkpoint is printed as a URI that reaches the same server: evaluate takes it.
+    final = final_checkpoint(again.stdout)
+    assert final.startswith(s3_server.url("qruns/q/checkpoint_")), final
+    assert final.endswith(f"?{query}"), final
+    scored = run_cli("evaluate", "--model", final, "--k", "2", "--limit", "8", "--json", cwd=REPO)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert json.loads(scored.stdout)["neg_elbo"] > 0
     search = run_cli(
         "tune", "configs/quickstart.yaml", *train[2:-1], "run.name=qsearch", "train.epochs=1",
         "search.num_samples=1", "search.space={train.lr: {choice: [0.001, 0.002]}}",
@@ -218,6 +227,13 @@ def test_a_run_stored_under_an_s3_uri_with_its_endpoint_in_the_query(
     assert search.returncode == 0, search.stderr[-3000:]
     assert (tmp_path / "export" / "model.safetensors").is_file()
     assert list_files(f"{s3_server.url('qruns/qsearch')}?{query}", (".csv",))
+
+
+def final_checkpoint(stdout: str) -> str:
+    """The checkpoint that `train` printed as "final checkpoint: <path>"."""
+    found = re.search(r"^final checkpoint: (\S+)$", stdout, re.MULTILINE)
+    assert found, stdout[-3000:]
+    return found.group(1)
 
 
 def write_parquet_dataset(fs, root: str, n: int) -> None:
@@ -257,8 +273,11 @@ def test_train_search_export_and_sample_against_s3(s3_server, tmp_path):
     # The export is local: the sampling job on it is the same as on any export
     # (tests/test_generate.py); here, that it samples at the trained size.
     assert sample_images(load_model(export), 2, seed=0).shape == (2, 1, 16, 16)
+    # The training run's own checkpoint, as train printed it (on S3), is the job's model.
+    final = final_checkpoint(train.stdout)
+    assert final.startswith(s3_server.url("runs/vae/checkpoint_")), final
     rebuilt = run_cli(
-        "generate", "reconstruct", "--model", str(export), "--input", s3_server.url("faces"),
+        "generate", "reconstruct", "--model", final, "--input", s3_server.url("faces"),
         "--output", str(tmp_path / "recon"), cwd=tmp_path,
     )  # fmt: skip
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
